@@ -1,0 +1,7 @@
+"""llm-function: a fine-tuned language model as an HTTPS API on AWS Lambda, or an HTTP server on a GPU host."""
+
+from function.config import enforce_hub_offline
+
+__version__ = "0.1.0"
+
+enforce_hub_offline()

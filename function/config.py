@@ -1,0 +1,87 @@
+"""Settings: the only reader of environment variables and the `.env` file.
+
+An explicit argument (a CLI flag, a keyword to `Settings(...)`) beats an environment variable,
+which beats a `.env` entry, which beats the default below.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_INSTRUCTION_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
+DEFAULT_INSTRUCTION_INPUT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Field names map to upper-case environment variables."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    # The original guide's variables.
+    model_path: str | None = Field(
+        default=None, description="Model to serve at start: a local directory, or s3://bucket/prefix."
+    )
+    load_in_8bit: bool = False
+    load_in_4bit: bool = False
+
+    # Limits a request is checked against.
+    max_new_tokens: int = Field(default=1024, ge=1, description="Upper bound for a request's max_new_tokens.")
+    max_num_return_sequences: int = Field(default=4, ge=1)
+
+    # Engine.
+    cpu_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto",
+        description="dtype on CPU. auto: bfloat16 when the CPU has native bf16 and the model is big enough "
+        "for it to be faster (see cpu_bf16_min_parameters), else float32.",
+    )
+    cpu_bf16_min_parameters: int = Field(
+        default=50_000_000,
+        ge=0,
+        description="With cpu_dtype=auto, models below this size stay float32 (bf16 measured slower there).",
+    )
+    load_retry_interval_s: float = Field(
+        default=5.0, ge=0, description="After a failed start-up load, wait this long before a request retries."
+    )
+
+    # /chat prompt format when the tokenizer has no chat template.
+    use_chat_template: bool = Field(default=True, description="Use the tokenizer's chat template when present.")
+    instruction_template: str = DEFAULT_INSTRUCTION_TEMPLATE
+    instruction_input_template: str = DEFAULT_INSTRUCTION_INPUT_TEMPLATE
+
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _one_quantization(self) -> Settings:
+        if self.load_in_8bit and self.load_in_4bit:
+            raise ValueError("LOAD_IN_8BIT and LOAD_IN_4BIT are exclusive: set at most one")
+        for name in ("instruction_template", "instruction_input_template"):
+            if "{instruction}" not in getattr(self, name):
+                raise ValueError(f"{name.upper()} must contain the {{instruction}} placeholder")
+        if "{input}" not in self.instruction_input_template:
+            raise ValueError("INSTRUCTION_INPUT_TEMPLATE must contain the {input} placeholder")
+        return self
+
+    def export_to_environment(self) -> None:
+        """Write the settings a child process needs (uvicorn --reload re-imports the app) to the environment."""
+        if self.model_path is not None:
+            os.environ["MODEL_PATH"] = self.model_path
+        os.environ["LOAD_IN_8BIT"] = str(self.load_in_8bit).lower()
+        os.environ["LOAD_IN_4BIT"] = str(self.load_in_4bit).lower()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()
+
+
+def enforce_hub_offline() -> None:
+    """No model hub at run time: set before huggingface_hub is imported, so it reads it."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

@@ -1,0 +1,232 @@
+"""The one owner of the model: load, swap, generate, chat. Knows nothing of HTTP.
+
+The served model is one immutable `LoadedModel` behind a reference that is replaced whole,
+under a lock, only after a new model has loaded completely. A request takes the reference
+once and uses it to the end, so requests in flight finish on the model they started with and
+a failed load leaves the old model serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from function.config import Settings
+from function.errors import (
+    ContextLengthExceededError,
+    InvalidRequestError,
+    ModelLoadError,
+    ModelLoadInProgressError,
+    ModelNotLoadedError,
+)
+from function.loading import LoadedModel, Quantization, load_model, pick_device
+
+logger = logging.getLogger(__name__)
+
+FinishReason = Literal["stop", "length", "time"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What one generation does. `temperature == 0` or `do_sample=False` means greedy."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 50
+    repetition_penalty: float = 1.1
+    do_sample: bool = True
+    num_return_sequences: int = 1
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    max_time: float | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
+
+
+@dataclass(frozen=True)
+class Completion:
+    """Continuations (prompt excluded) with their finish reasons and token counts."""
+
+    prompt: str
+    continuations: list[str]
+    finish_reasons: list[FinishReason]
+    prompt_tokens: int
+    completion_tokens: int
+    generation_time: float
+    model_name: str
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    state: Literal["healthy", "loading", "unhealthy"]
+    model_name: str | None
+    device: str
+    reason: str | None
+
+
+def validate_limits(params: SamplingParams, settings: Settings) -> None:
+    """Bounds that depend on the server's settings, and combinations the schema can't see."""
+    if params.max_new_tokens > settings.max_new_tokens:
+        raise InvalidRequestError(f"max_new_tokens must be at most {settings.max_new_tokens}",
+                                  field="max_new_tokens", limit=settings.max_new_tokens)
+    if params.num_return_sequences > settings.max_num_return_sequences:
+        raise InvalidRequestError(
+            f"num_return_sequences must be at most {settings.max_num_return_sequences}",
+            field="num_return_sequences", limit=settings.max_num_return_sequences)
+    if params.greedy and params.num_return_sequences > 1:
+        raise InvalidRequestError(
+            "num_return_sequences > 1 needs sampling (do_sample=true and temperature > 0): "
+            "greedy decoding returns one sequence", field="num_return_sequences", limit=1)
+
+
+def build_chat_prompt(loaded: LoadedModel, instruction: str, input_text: str, settings: Settings) -> str:
+    """The tokenizer's chat template when the model has one, else the instruction format."""
+    if loaded.chat_template:
+        content = instruction if not input_text else f"{instruction}\n\n{input_text}"
+        prompt: str = loaded.tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+        return prompt
+    if input_text:
+        return settings.instruction_input_template.format(instruction=instruction, input=input_text)
+    return settings.instruction_template.format(instruction=instruction)
+
+
+@dataclass
+class ModelManager:
+    """Holds the served model; `load` swaps it atomically, `generate`/`chat` use a snapshot."""
+
+    settings: Settings
+    device: str = field(default_factory=pick_device)
+    _current: LoadedModel | None = field(default=None, init=False)
+    _load_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    # One generation at a time per process: seeds are reproducible and CPU threads are not
+    # oversubscribed. Concurrent requests queue here, each on its own snapshot.
+    _generate_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    _startup_error: str | None = field(default=None, init=False)
+    _last_startup_attempt: float | None = field(default=None, init=False)
+
+    @property
+    def current(self) -> LoadedModel | None:
+        return self._current
+
+    @property
+    def loading(self) -> bool:
+        return self._load_lock.locked()
+
+    def status(self) -> EngineStatus:
+        loaded = self._current
+        if loaded is not None:
+            return EngineStatus("healthy", loaded.name, loaded.device, None)
+        if self.loading:
+            return EngineStatus("loading", None, self.device, "the model is loading")
+        return EngineStatus("unhealthy", None, self.device, self._not_loaded_reason())
+
+    def _not_loaded_reason(self) -> str:
+        if self._startup_error is not None:
+            return f"the start-up model failed to load: {self._startup_error}"
+        if self.settings.model_path is None:
+            return "no model configured: set MODEL_PATH or call /load_model"
+        return "the model has not been loaded yet"
+
+    def load_startup_model(self) -> None:
+        """Load MODEL_PATH if set; a failure is recorded for /health, never raised."""
+        if self.settings.model_path is None or self._current is not None:
+            return
+        self._last_startup_attempt = time.monotonic()
+        quantization = "8bit" if self.settings.load_in_8bit else "4bit" if self.settings.load_in_4bit else "none"
+        try:
+            self.load(self.settings.model_path, quantization)
+        except ModelLoadInProgressError:
+            return
+        except ModelLoadError as exc:
+            self._startup_error = exc.message
+            logger.error("start-up model load failed: %s", exc.message)
+
+    def ensure_loaded(self) -> None:
+        """Retry a failed start-up load, at most once per `load_retry_interval_s`."""
+        if self._current is not None or self.settings.model_path is None or self.loading:
+            return
+        last = self._last_startup_attempt
+        if last is None or time.monotonic() - last >= self.settings.load_retry_interval_s:
+            self.load_startup_model()
+
+    def load(self, model_path: str, quantization: Quantization = "none") -> tuple[LoadedModel, LoadedModel | None]:
+        """Load beside the current model, then swap. Returns (new, previous). 409-style error if busy."""
+        if not self._load_lock.acquire(blocking=False):
+            raise ModelLoadInProgressError("a model load is already running; retry when it has finished")
+        try:
+            new = load_model(model_path, quantization, self.settings, self.device)
+            previous, self._current = self._current, new
+            self._startup_error = None
+        finally:
+            self._load_lock.release()
+        logger.info("model loaded: %s (%s, %s, %.2fs)", new.name, new.dtype, new.quantization, new.load_seconds)
+        return new, previous
+
+    def require_model(self) -> LoadedModel:
+        self.ensure_loaded()
+        loaded = self._current
+        if loaded is None:
+            raise ModelNotLoadedError(self._not_loaded_reason())
+        return loaded
+
+    def generate(self, prompt: str, params: SamplingParams) -> Completion:
+        validate_limits(params, self.settings)
+        return self._complete(self.require_model(), prompt, params, add_special_tokens=True)
+
+    def chat(self, instruction: str, input_text: str, params: SamplingParams) -> Completion:
+        validate_limits(params, self.settings)
+        loaded = self.require_model()
+        prompt = build_chat_prompt(loaded, instruction, input_text, self.settings)
+        # A chat template writes its own special tokens (BOS); don't add them twice.
+        return self._complete(loaded, prompt, params, add_special_tokens=not loaded.chat_template)
+
+    def _complete(self, loaded: LoadedModel, prompt: str, params: SamplingParams,
+                  *, add_special_tokens: bool) -> Completion:
+        from function.generation import run_generation
+
+        encoded = loaded.tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens)
+        prompt_tokens = int(encoded["input_ids"].shape[1])
+        total = prompt_tokens + params.max_new_tokens
+        if total > loaded.context_length:
+            raise ContextLengthExceededError(
+                f"the prompt has {prompt_tokens} tokens and max_new_tokens is {params.max_new_tokens}: "
+                f"{total} exceeds the model's context length of {loaded.context_length}",
+                field="max_new_tokens", limit=loaded.context_length)
+        with self._generate_lock:
+            started = time.perf_counter()
+            continuations, reasons, produced = run_generation(loaded, encoded, params)
+            elapsed = time.perf_counter() - started
+        return Completion(prompt=prompt, continuations=continuations, finish_reasons=reasons,
+                          prompt_tokens=prompt_tokens, completion_tokens=produced,
+                          generation_time=round(elapsed, 4), model_name=loaded.name)
+
+
+_engine: ModelManager | None = None
+_engine_lock = threading.Lock()
+
+
+def get_engine(settings: Settings) -> ModelManager:
+    """The process-wide engine, built once; its start-up model loads on first build.
+
+    Called from the app factory and the Lambda handler module, never from an ASGI lifespan
+    hook (Mangum would run that on every invocation).
+    """
+    global _engine
+    with _engine_lock:
+        if _engine is None:
+            _engine = ModelManager(settings)
+            _engine.load_startup_model()
+        return _engine
+
+
+def loaded_model_summary(loaded: LoadedModel) -> dict[str, Any]:
+    """Identity of a loaded model for logs."""
+    return {"model_name": loaded.name, "device": loaded.device, "dtype": loaded.dtype,
+            "quantization": loaded.quantization, "parameters": loaded.parameter_count}

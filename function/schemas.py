@@ -1,0 +1,135 @@
+"""Request and response models, and the one error body every error leaves with.
+
+Field names and defaults are the original server guide's; additions are optional and never
+change those shapes. Bounds that depend on settings (max_new_tokens, num_return_sequences)
+are checked in `function.engine.validate_limits`, so the server's limit is named in the error.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+NonEmptyText = Annotated[str, Field(min_length=1), AfterValidator(_not_blank)]
+StopStrings = Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)]
+FinishReason = Literal["stop", "length", "time"]
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: NonEmptyText
+    max_new_tokens: int = Field(default=256, ge=1)
+    temperature: float = Field(default=0.7, ge=0, description="0 means greedy decoding.")
+    top_p: float = Field(default=0.9, gt=0, le=1)
+    top_k: int = Field(default=50, ge=0, description="0 disables top-k filtering.")
+    repetition_penalty: float = Field(default=1.1, gt=0)
+    do_sample: bool = True
+    num_return_sequences: int = Field(default=1, ge=1)
+    stop: StopStrings | None = Field(
+        default=None, description="Up to 4 strings; generation stops before the first one produced."
+    )
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1, description="Makes sampling reproducible.")
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    instruction: NonEmptyText
+    input: str = ""
+    max_new_tokens: int = Field(default=256, ge=1)
+    temperature: float = Field(default=0.7, ge=0, description="0 means greedy decoding.")
+    top_p: float = Field(default=0.9, gt=0, le=1)
+    stop: StopStrings | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    generated_text: list[str] = Field(description="Prompt + continuation, one per returned sequence.")
+    prompt: str
+    model_name: str
+    generation_time: float = Field(description="Seconds spent generating.")
+    finish_reason: list[FinishReason] = Field(description="One per returned sequence.")
+    usage: Usage
+
+
+class ChatResponse(BaseModel):
+    response: str = Field(description="The continuation only, trimmed.")
+    instruction: str
+    model_name: str
+    generation_time: float
+    finish_reason: FinishReason
+    usage: Usage
+
+
+class HealthResponse(BaseModel):
+    status: Literal["healthy", "loading", "unhealthy"]
+    model_loaded: bool
+    model_name: str | None
+    device: str
+    reason: str | None = Field(default=None, description="Why the service is not healthy.")
+
+
+class LoadTimings(BaseModel):
+    resolve_s: float = Field(description="Finding (later: fetching) the weights.")
+    load_s: float = Field(description="from_pretrained of the tokenizer and the model.")
+    total_s: float
+
+
+class ModelInfoResponse(BaseModel):
+    model_name: str
+    model_path: str
+    device: str
+    gpu_memory_allocated: str
+    gpu_memory_reserved: str
+    memory_note: str = Field(description="What the memory figures mean on this device.")
+    model_memory: str = Field(description="Bytes held by the model's parameters and buffers.")
+    dtype: str
+    quantization: Literal["none", "8bit", "4bit"]
+    parameter_count: int
+    context_length: int
+    chat_template: bool = Field(description="Whether /chat uses the tokenizer's chat template.")
+    load_timings: LoadTimings
+    loaded_at: str
+
+
+class LoadModelResponse(BaseModel):
+    status: Literal["loaded"]
+    model_name: str
+    model_path: str
+    device: str
+    quantization: Literal["none", "8bit", "4bit"]
+    load_time: float
+    previous_model_name: str | None
+
+
+class ErrorDetail(BaseModel):
+    field: str | None = Field(default=None, description="The offending field, dotted (e.g. max_new_tokens).")
+    message: str
+    limit: Any = Field(default=None, description="The bound that was crossed, when there is one.")
+
+
+class ErrorInfo(BaseModel):
+    code: str = Field(description="Stable machine-readable name, e.g. invalid_request.")
+    message: str
+    status: int
+    details: list[ErrorDetail] = Field(default_factory=list)
+
+
+class ErrorResponse(BaseModel):
+    """The one body of every error response."""
+
+    error: ErrorInfo
