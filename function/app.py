@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from function import __version__
 from function.config import Settings, get_settings
-from function.engine import ModelManager, SamplingParams, get_engine
+from function.engine import ModelManager, get_engine
 from function.errors import (
     ContextLengthExceededError,
     InvalidRequestError,
@@ -153,10 +153,7 @@ def _add_routes(app: FastAPI) -> None:  # noqa: C901 (one small function per rou
 
     @app.post("/generate", response_model=GenerateResponse)
     def generate(request: GenerateRequest, engine: EngineDep) -> GenerateResponse:
-        params = SamplingParams(
-            max_new_tokens=request.max_new_tokens, temperature=request.temperature, top_p=request.top_p,
-            top_k=request.top_k, repetition_penalty=request.repetition_penalty, do_sample=request.do_sample,
-            num_return_sequences=request.num_return_sequences, stop=tuple(request.stop or ()), seed=request.seed)
+        params = request.sampling_params(engine.settings.max_new_tokens)
         result = engine.generate(request.prompt, params)
         return GenerateResponse(
             generated_text=[request.prompt + text for text in result.continuations], prompt=request.prompt,
@@ -166,8 +163,7 @@ def _add_routes(app: FastAPI) -> None:  # noqa: C901 (one small function per rou
 
     @app.post("/chat", response_model=ChatResponse)
     def chat(request: ChatRequest, engine: EngineDep) -> ChatResponse:
-        params = SamplingParams(max_new_tokens=request.max_new_tokens, temperature=request.temperature,
-                                top_p=request.top_p, stop=tuple(request.stop or ()), seed=request.seed)
+        params = request.sampling_params(engine.settings.max_new_tokens)
         result = engine.chat(request.instruction, request.input, params)
         return ChatResponse(
             response=result.continuations[0].strip(), instruction=request.instruction,

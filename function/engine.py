@@ -119,6 +119,10 @@ class ModelManager:
     def loading(self) -> bool:
         return self._load_lock.locked()
 
+    @property
+    def generating(self) -> bool:
+        return self._generate_lock.locked()
+
     def status(self) -> EngineStatus:
         loaded = self._current
         if loaded is not None:

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from function.engine import SamplingParams
+
 
 def _not_blank(value: str) -> str:
     if not value.strip():
@@ -39,6 +41,12 @@ class GenerateRequest(BaseModel):
     )
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1, description="Makes sampling reproducible.")
 
+    def sampling_params(self, max_new_tokens_limit: int) -> SamplingParams:
+        return SamplingParams(
+            max_new_tokens=_max_new_tokens(self, max_new_tokens_limit), temperature=self.temperature,
+            top_p=self.top_p, top_k=self.top_k, repetition_penalty=self.repetition_penalty, do_sample=self.do_sample,
+            num_return_sequences=self.num_return_sequences, stop=tuple(self.stop or ()), seed=self.seed)
+
 
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -50,6 +58,18 @@ class ChatRequest(BaseModel):
     top_p: float = Field(default=0.9, gt=0, le=1)
     stop: StopStrings | None = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+
+    def sampling_params(self, max_new_tokens_limit: int) -> SamplingParams:
+        return SamplingParams(max_new_tokens=_max_new_tokens(self, max_new_tokens_limit),
+                              temperature=self.temperature, top_p=self.top_p, stop=tuple(self.stop or ()),
+                              seed=self.seed)
+
+
+def _max_new_tokens(request: GenerateRequest | ChatRequest, limit: int) -> int:
+    """The user's value when given (checked against the limit later); else the default, capped by the limit."""
+    if "max_new_tokens" in request.model_fields_set:
+        return request.max_new_tokens
+    return min(request.max_new_tokens, limit)
 
 
 class Usage(BaseModel):

@@ -1,0 +1,52 @@
+# Quick start:  make serve   (API on :8000, demo model unless MODEL_PATH is set)
+#               make test    (every test; what CI runs)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO_MODEL ?= .demo-model
+HOST ?= 0.0.0.0
+PORT ?= 8000
+
+.PHONY: help venv serve demo-model test lint typecheck pytest clean
+
+help:
+	@echo "make serve      run the API on $(HOST):$(PORT) (builds the demo model if MODEL_PATH is unset)"
+	@echo "make test       lint, type check and every test"
+	@echo "make demo-model write the random-weight demo model to $(DEMO_MODEL)"
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+$(DEMO_MODEL)/config.json: $(BIN)/.installed
+	$(BIN)/python -m function demo-model $(DEMO_MODEL)
+
+demo-model: $(DEMO_MODEL)/config.json
+
+# MODEL_PATH from the environment or .env wins; otherwise the demo model is built and served.
+serve: venv
+	@model_path="$$($(BIN)/python -c 'from function.config import Settings; print(Settings().model_path or "")')"; \
+	if [ -z "$$model_path" ]; then \
+		$(MAKE) --no-print-directory demo-model && model_path="$(DEMO_MODEL)"; \
+		echo "MODEL_PATH is unset: serving the demo model (random weights, its text is noise)"; \
+	fi; \
+	exec $(BIN)/python -m function serve --model_path "$$model_path" --host $(HOST) --port $(PORT)
+
+lint: venv
+	$(BIN)/ruff check function tests
+	$(BIN)/ruff format --check function tests
+
+typecheck: venv
+	$(BIN)/mypy
+
+pytest: venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+clean:
+	rm -rf $(VENV) $(DEMO_MODEL) .pytest_cache .mypy_cache .ruff_cache
