@@ -7,11 +7,12 @@ DEMO_MODEL ?= .demo-model
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: help venv serve demo-model test lint typecheck pytest clean
+.PHONY: help venv serve demo-model test lint typecheck pytest bench-dtype clean
 
 help:
 	@echo "make serve      run the API on $(HOST):$(PORT) (builds the demo model if MODEL_PATH is unset)"
 	@echo "make test       lint, type check and every test"
+	@echo "make bench-dtype CPU float32 vs bfloat16 decode speed (prints figures)"
 	@echo "make demo-model write the random-weight demo model to $(DEMO_MODEL)"
 
 $(BIN)/.installed: pyproject.toml
@@ -37,8 +38,8 @@ serve: venv
 	exec $(BIN)/python -m function serve --model_path "$$model_path" --host $(HOST) --port $(PORT)
 
 lint: venv
-	$(BIN)/ruff check function tests
-	$(BIN)/ruff format --check function tests
+	$(BIN)/ruff check function tests benchmarks
+	$(BIN)/ruff format --check function tests benchmarks
 
 typecheck: venv
 	$(BIN)/mypy
@@ -47,6 +48,9 @@ pytest: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest
+
+bench-dtype: venv
+	$(BIN)/python benchmarks/cpu_dtype.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_MODEL) .pytest_cache .mypy_cache .ruff_cache

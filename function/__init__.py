@@ -1,4 +1,4 @@
-"""llm-function: a fine-tuned language model as an HTTPS API on AWS Lambda, or an HTTP server on a GPU host."""
+"""llm-function: a fine-tuned language model as an HTTPS API on AWS Lambda, or an HTTP server."""
 
 from function.config import enforce_hub_offline
 

@@ -9,6 +9,10 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from function.config import Settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,56 +22,104 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the HTTP API with uvicorn",
-                                description="Run the HTTP API. Flags beat environment variables and .env.")
-    serve.add_argument("--model_path", "--model-path", dest="model_path", default=None,
-                       help="model directory; default: MODEL_PATH")
+    serve = commands.add_parser(
+        "serve",
+        help="run the HTTP API with uvicorn",
+        description="Run the HTTP API. Flags beat environment variables and .env.",
+    )
+    serve.add_argument(
+        "--model_path",
+        "--model-path",
+        dest="model_path",
+        default=None,
+        help="model directory; default: MODEL_PATH",
+    )
     serve.add_argument("--host", default="0.0.0.0", help="bind address (default: 0.0.0.0)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     quant = serve.add_mutually_exclusive_group()
-    quant.add_argument("--load_in_8bit", "--load-in-8bit", dest="load_in_8bit", action="store_true",
-                       default=None, help="8-bit weights through bitsandbytes (default: LOAD_IN_8BIT)")
-    quant.add_argument("--load_in_4bit", "--load-in-4bit", dest="load_in_4bit", action="store_true",
-                       default=None, help="4-bit NF4 weights through bitsandbytes (default: LOAD_IN_4BIT)")
+    quant.add_argument(
+        "--load_in_8bit",
+        "--load-in-8bit",
+        dest="load_in_8bit",
+        action="store_true",
+        default=None,
+        help="8-bit weights through bitsandbytes (default: LOAD_IN_8BIT)",
+    )
+    quant.add_argument(
+        "--load_in_4bit",
+        "--load-in-4bit",
+        dest="load_in_4bit",
+        action="store_true",
+        default=None,
+        help="4-bit NF4 weights through bitsandbytes (default: LOAD_IN_4BIT)",
+    )
     serve.add_argument("--reload", action="store_true", help="restart on code changes (development)")
     serve.add_argument("--log-level", default=None, help="log level (default: LOG_LEVEL or INFO)")
 
     demo = commands.add_parser(
-        "demo-model", help="write a small random-weight model and tokenizer, offline",
+        "demo-model",
+        help="write a small random-weight model and tokenizer, offline",
         description="Write a small Llama-architecture model with RANDOM weights (its text is noise) and a "
-                    "tokenizer trained on text shipped with this package. Offline, in seconds.")
+        "tokenizer trained on text shipped with this package. Offline, in seconds.",
+    )
     demo.add_argument("out_dir", help="directory to write")
-    demo.add_argument("--size", choices=("tiny", "100m", "300m"), default="tiny",
-                      help="tiny (default, ~0.5M parameters) or larger ones for benchmarks")
-    demo.add_argument("--chat-template", action="store_true",
-                      help="give the tokenizer a chat template (default: none, so /chat uses the instruction format)")
+    demo.add_argument(
+        "--size",
+        choices=("tiny", "100m", "300m"),
+        default="tiny",
+        help="tiny (default, ~0.5M parameters) or larger ones for benchmarks",
+    )
+    demo.add_argument(
+        "--chat-template",
+        action="store_true",
+        help="give the tokenizer a chat template (default: none, so /chat uses the instruction format)",
+    )
     demo.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
     return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Flags beat the environment and .env; a quantization flag also clears the other one."""
+    from function.config import Settings
+
+    overrides = {
+        key: value
+        for key, value in {
+            "model_path": args.model_path,
+            "load_in_8bit": args.load_in_8bit,
+            "load_in_4bit": args.load_in_4bit,
+            "log_level": args.log_level,
+        }.items()
+        if value is not None
+    }
+    if args.load_in_8bit:
+        overrides["load_in_4bit"] = False
+    if args.load_in_4bit:
+        overrides["load_in_8bit"] = False
+    return Settings(**overrides)
 
 
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from function.config import Settings
-
-    overrides = {key: value for key, value in {
-        "model_path": args.model_path, "load_in_8bit": args.load_in_8bit, "load_in_4bit": args.load_in_4bit,
-        "log_level": args.log_level}.items() if value is not None}
-    if args.load_in_8bit:
-        overrides["load_in_4bit"] = False  # a flag beats the other quantization set in the environment
-    if args.load_in_4bit:
-        overrides["load_in_8bit"] = False
     try:
-        settings = Settings(**overrides)
+        settings = settings_from_args(args)
     except ValueError as exc:
         print(f"error: invalid configuration: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if args.reload:
         # The reloader re-imports the app in a child process: hand the flags over through the environment.
         settings.export_to_environment()
-        uvicorn.run("function.app:app", host=args.host, port=args.port, reload=True,
-                    log_level=settings.log_level.lower())
+        uvicorn.run(
+            "function.app:app",
+            host=args.host,
+            port=args.port,
+            reload=True,
+            log_level=settings.log_level.lower(),
+        )
         return 0
     from function.app import create_app
     from function.engine import get_engine

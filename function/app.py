@@ -72,8 +72,13 @@ def human_size(num_bytes: float) -> str:
     return gigabytes(num_bytes) if num_bytes >= 1024**3 else f"{num_bytes / 1024**2:.2f} MB"
 
 
-def error_response(status: int, code: str, message: str, details: list[ErrorDetail] | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    details: list[ErrorDetail] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     body = ErrorResponse(error=ErrorInfo(code=code, message=message, status=status, details=details or []))
     return JSONResponse(status_code=status, content=body.model_dump(), headers=headers)
 
@@ -85,11 +90,15 @@ def _field_name(location: tuple[Any, ...] | list[Any]) -> str:
 
 def _validation_detail(error: dict[str, Any]) -> ErrorDetail:
     context = error.get("ctx") or {}
-    limit = next((context[key] for key in ("le", "ge", "lt", "gt", "max_length", "min_length") if key in context),
-                 None)
+    limit = next(
+        (context[key] for key in ("le", "ge", "lt", "gt", "max_length", "min_length") if key in context), None
+    )
     message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
-    return ErrorDetail(field=_field_name(error.get("loc", ())), message=message,
-                       limit=limit if isinstance(limit, int | float | str) else None)
+    return ErrorDetail(
+        field=_field_name(error.get("loc", ())),
+        message=message,
+        limit=limit if isinstance(limit, int | float | str) else None,
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -106,8 +115,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = list(exc.errors())
         if any(error.get("type") == "json_invalid" for error in errors):
-            return error_response(400, "invalid_json", "the request body is not valid JSON",
-                                  [ErrorDetail(field="body", message="malformed JSON")])
+            return error_response(
+                400,
+                "invalid_json",
+                "the request body is not valid JSON",
+                [ErrorDetail(field="body", message="malformed JSON")],
+            )
         details = [_validation_detail(error) for error in errors]
         summary = "; ".join(f"{d.field}: {d.message}" for d in details)
         return error_response(422, "invalid_request", summary, details)
@@ -140,13 +153,18 @@ def create_app(settings: Settings | None = None, engine: ModelManager | None = N
     return app
 
 
-def _add_routes(app: FastAPI) -> None:  # noqa: C901 (one small function per route)
+def _add_routes(app: FastAPI) -> None:
     @app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
     def health(engine: EngineDep) -> Any:
         engine.ensure_loaded()
         status = engine.status()
-        body = HealthResponse(status=status.state, model_loaded=status.state == "healthy",
-                              model_name=status.model_name, device=status.device, reason=status.reason)
+        body = HealthResponse(
+            status=status.state,
+            model_loaded=status.state == "healthy",
+            model_name=status.model_name,
+            device=status.device,
+            reason=status.reason,
+        )
         if status.state == "healthy":
             return body
         return JSONResponse(status_code=503, content=body.model_dump(), headers={"Retry-After": "5"})
@@ -156,58 +174,92 @@ def _add_routes(app: FastAPI) -> None:  # noqa: C901 (one small function per rou
         params = request.sampling_params(engine.settings.max_new_tokens)
         result = engine.generate(request.prompt, params)
         return GenerateResponse(
-            generated_text=[request.prompt + text for text in result.continuations], prompt=request.prompt,
-            model_name=result.model_name, generation_time=result.generation_time,
+            generated_text=[request.prompt + text for text in result.continuations],
+            prompt=request.prompt,
+            model_name=result.model_name,
+            generation_time=result.generation_time,
             finish_reason=result.finish_reasons,
-            usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens))
+            usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens),
+        )
 
     @app.post("/chat", response_model=ChatResponse)
     def chat(request: ChatRequest, engine: EngineDep) -> ChatResponse:
         params = request.sampling_params(engine.settings.max_new_tokens)
         result = engine.chat(request.instruction, request.input, params)
         return ChatResponse(
-            response=result.continuations[0].strip(), instruction=request.instruction,
-            model_name=result.model_name, generation_time=result.generation_time,
+            response=result.continuations[0].strip(),
+            instruction=request.instruction,
+            model_name=result.model_name,
+            generation_time=result.generation_time,
             finish_reason=result.finish_reasons[0],
-            usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens))
+            usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens),
+        )
 
     @app.get("/model_info", response_model=ModelInfoResponse)
     def model_info(engine: EngineDep) -> ModelInfoResponse:
         loaded = engine.require_model()
         allocated, reserved, note = _device_memory(loaded.device)
         return ModelInfoResponse(
-            model_name=loaded.name, model_path=loaded.path, device=loaded.device,
-            gpu_memory_allocated=allocated, gpu_memory_reserved=reserved, memory_note=note,
-            model_memory=human_size(loaded.memory_bytes()), dtype=loaded.dtype, quantization=loaded.quantization,
-            parameter_count=loaded.parameter_count, context_length=loaded.context_length,
+            model_name=loaded.name,
+            model_path=loaded.path,
+            device=loaded.device,
+            gpu_memory_allocated=allocated,
+            gpu_memory_reserved=reserved,
+            memory_note=note,
+            model_memory=human_size(loaded.memory_bytes()),
+            dtype=loaded.dtype,
+            quantization=loaded.quantization,
+            parameter_count=loaded.parameter_count,
+            context_length=loaded.context_length,
             chat_template=loaded.chat_template,
-            load_timings=LoadTimings(resolve_s=round(loaded.resolve_seconds, 4), load_s=round(loaded.load_seconds, 4),
-                                     total_s=round(loaded.resolve_seconds + loaded.load_seconds, 4)),
-            loaded_at=loaded.loaded_at.isoformat())
+            load_timings=LoadTimings(
+                resolve_s=round(loaded.resolve_seconds, 4),
+                load_s=round(loaded.load_seconds, 4),
+                total_s=round(loaded.resolve_seconds + loaded.load_seconds, 4),
+            ),
+            loaded_at=loaded.loaded_at.isoformat(),
+        )
 
     @app.post("/load_model", response_model=LoadModelResponse)
     def load_model(
         engine: EngineDep,
-        model_path: Annotated[str, Query(min_length=1, description="Local directory (s3:// in Lambda builds).")],
+        model_path: Annotated[
+            str, Query(min_length=1, description="Local directory (s3:// in Lambda builds).")
+        ],
         load_in_8bit: bool = False,
         load_in_4bit: bool = False,
     ) -> LoadModelResponse:
         quantization = quantization_from_flags(load_in_8bit, load_in_4bit)
         new, previous = engine.load(model_path, quantization)
-        return LoadModelResponse(status="loaded", model_name=new.name, model_path=new.path, device=new.device,
-                                 quantization=new.quantization, load_time=round(new.load_seconds, 4),
-                                 previous_model_name=previous.name if previous else None)
+        return LoadModelResponse(
+            status="loaded",
+            model_name=new.name,
+            model_path=new.path,
+            device=new.device,
+            quantization=new.quantization,
+            load_time=round(new.load_seconds, 4),
+            previous_model_name=previous.name if previous else None,
+        )
 
 
 def _device_memory(device: str) -> tuple[str, str, str]:
     if device == "cuda":
         import torch
 
-        return (gigabytes(torch.cuda.memory_allocated()), gigabytes(torch.cuda.memory_reserved()),
-                "CUDA memory held by PyTorch in this process: allocated by tensors, and reserved by its caching "
-                "allocator")
-    return ("0.00 GB", "0.00 GB",
-            "device is cpu: no GPU memory is in use; the model lives in RAM, see model_memory")
+        return (
+            gigabytes(torch.cuda.memory_allocated()),
+            gigabytes(torch.cuda.memory_reserved()),
+            "CUDA memory held by PyTorch in this process: allocated by tensors, and reserved by its caching "
+            "allocator",
+        )
+    return (
+        "0.00 GB",
+        "0.00 GB",
+        "device is cpu: no GPU memory is in use; the model lives in RAM, see model_memory",
+    )
+
+
+app: FastAPI  # declared, not assigned: built by __getattr__ on first access
 
 
 def __getattr__(name: str) -> Any:

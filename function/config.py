@@ -14,7 +14,9 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_INSTRUCTION_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
-DEFAULT_INSTRUCTION_INPUT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+DEFAULT_INSTRUCTION_INPUT_TEMPLATE = (
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
 
 
 class Settings(BaseSettings):
@@ -40,16 +42,20 @@ class Settings(BaseSettings):
         "for it to be faster (see cpu_bf16_min_parameters), else float32.",
     )
     cpu_bf16_min_parameters: int = Field(
-        default=50_000_000,
+        default=8_000_000,
         ge=0,
         description="With cpu_dtype=auto, models below this size stay float32 (bf16 measured slower there).",
     )
     load_retry_interval_s: float = Field(
-        default=5.0, ge=0, description="After a failed start-up load, wait this long before a request retries."
+        default=5.0,
+        ge=0,
+        description="After a failed start-up load, wait this long before a request retries.",
     )
 
     # /chat prompt format when the tokenizer has no chat template.
-    use_chat_template: bool = Field(default=True, description="Use the tokenizer's chat template when present.")
+    use_chat_template: bool = Field(
+        default=True, description="Use the tokenizer's chat template when present."
+    )
     instruction_template: str = DEFAULT_INSTRUCTION_TEMPLATE
     instruction_input_template: str = DEFAULT_INSTRUCTION_INPUT_TEMPLATE
 
@@ -67,7 +73,7 @@ class Settings(BaseSettings):
         return self
 
     def export_to_environment(self) -> None:
-        """Write the settings a child process needs (uvicorn --reload re-imports the app) to the environment."""
+        """Hand the settings to a child process (uvicorn --reload re-imports the app) via the environment."""
         if self.model_path is not None:
             os.environ["MODEL_PATH"] = self.model_path
         os.environ["LOAD_IN_8BIT"] = str(self.load_in_8bit).lower()

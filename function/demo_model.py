@@ -40,10 +40,12 @@ class DemoModelSize:
 # Named sizes: `tiny` for tests and the quick start, the others for benchmarks.
 SIZES: dict[str, DemoModelSize] = {
     "tiny": DemoModelSize(),
-    "100m": DemoModelSize(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=2048,
-                          vocab_size=8192),
-    "300m": DemoModelSize(hidden_size=1024, num_layers=20, num_heads=16, intermediate_size=2816,
-                          vocab_size=8192),
+    "100m": DemoModelSize(
+        hidden_size=768, num_layers=12, num_heads=12, intermediate_size=2048, vocab_size=8192
+    ),
+    "300m": DemoModelSize(
+        hidden_size=1024, num_layers=20, num_heads=16, intermediate_size=2816, vocab_size=8192
+    ),
 }
 
 

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from function.config import Settings
 from function.errors import (
@@ -22,7 +22,7 @@ from function.errors import (
     ModelLoadInProgressError,
     ModelNotLoadedError,
 )
-from function.loading import LoadedModel, Quantization, load_model, pick_device
+from function.loading import LoadedModel, Quantization, load_model, pick_device, quantization_from_flags
 
 logger = logging.getLogger(__name__)
 
@@ -73,16 +73,24 @@ class EngineStatus:
 def validate_limits(params: SamplingParams, settings: Settings) -> None:
     """Bounds that depend on the server's settings, and combinations the schema can't see."""
     if params.max_new_tokens > settings.max_new_tokens:
-        raise InvalidRequestError(f"max_new_tokens must be at most {settings.max_new_tokens}",
-                                  field="max_new_tokens", limit=settings.max_new_tokens)
+        raise InvalidRequestError(
+            f"max_new_tokens must be at most {settings.max_new_tokens}",
+            field="max_new_tokens",
+            limit=settings.max_new_tokens,
+        )
     if params.num_return_sequences > settings.max_num_return_sequences:
         raise InvalidRequestError(
             f"num_return_sequences must be at most {settings.max_num_return_sequences}",
-            field="num_return_sequences", limit=settings.max_num_return_sequences)
+            field="num_return_sequences",
+            limit=settings.max_num_return_sequences,
+        )
     if params.greedy and params.num_return_sequences > 1:
         raise InvalidRequestError(
             "num_return_sequences > 1 needs sampling (do_sample=true and temperature > 0): "
-            "greedy decoding returns one sequence", field="num_return_sequences", limit=1)
+            "greedy decoding returns one sequence",
+            field="num_return_sequences",
+            limit=1,
+        )
 
 
 def build_chat_prompt(loaded: LoadedModel, instruction: str, input_text: str, settings: Settings) -> str:
@@ -90,7 +98,8 @@ def build_chat_prompt(loaded: LoadedModel, instruction: str, input_text: str, se
     if loaded.chat_template:
         content = instruction if not input_text else f"{instruction}\n\n{input_text}"
         prompt: str = loaded.tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
         return prompt
     if input_text:
         return settings.instruction_input_template.format(instruction=instruction, input=input_text)
@@ -143,7 +152,7 @@ class ModelManager:
         if self.settings.model_path is None or self._current is not None:
             return
         self._last_startup_attempt = time.monotonic()
-        quantization = "8bit" if self.settings.load_in_8bit else "4bit" if self.settings.load_in_4bit else "none"
+        quantization = quantization_from_flags(self.settings.load_in_8bit, self.settings.load_in_4bit)
         try:
             self.load(self.settings.model_path, quantization)
         except ModelLoadInProgressError:
@@ -160,7 +169,9 @@ class ModelManager:
         if last is None or time.monotonic() - last >= self.settings.load_retry_interval_s:
             self.load_startup_model()
 
-    def load(self, model_path: str, quantization: Quantization = "none") -> tuple[LoadedModel, LoadedModel | None]:
+    def load(
+        self, model_path: str, quantization: Quantization = "none"
+    ) -> tuple[LoadedModel, LoadedModel | None]:
         """Load beside the current model, then swap. Returns (new, previous). 409-style error if busy."""
         if not self._load_lock.acquire(blocking=False):
             raise ModelLoadInProgressError("a model load is already running; retry when it has finished")
@@ -170,7 +181,9 @@ class ModelManager:
             self._startup_error = None
         finally:
             self._load_lock.release()
-        logger.info("model loaded: %s (%s, %s, %.2fs)", new.name, new.dtype, new.quantization, new.load_seconds)
+        logger.info(
+            "model loaded: %s (%s, %s, %.2fs)", new.name, new.dtype, new.quantization, new.load_seconds
+        )
         return new, previous
 
     def require_model(self) -> LoadedModel:
@@ -191,8 +204,9 @@ class ModelManager:
         # A chat template writes its own special tokens (BOS); don't add them twice.
         return self._complete(loaded, prompt, params, add_special_tokens=not loaded.chat_template)
 
-    def _complete(self, loaded: LoadedModel, prompt: str, params: SamplingParams,
-                  *, add_special_tokens: bool) -> Completion:
+    def _complete(
+        self, loaded: LoadedModel, prompt: str, params: SamplingParams, *, add_special_tokens: bool
+    ) -> Completion:
         from function.generation import run_generation
 
         encoded = loaded.tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens)
@@ -202,14 +216,22 @@ class ModelManager:
             raise ContextLengthExceededError(
                 f"the prompt has {prompt_tokens} tokens and max_new_tokens is {params.max_new_tokens}: "
                 f"{total} exceeds the model's context length of {loaded.context_length}",
-                field="max_new_tokens", limit=loaded.context_length)
+                field="max_new_tokens",
+                limit=loaded.context_length,
+            )
         with self._generate_lock:
             started = time.perf_counter()
             continuations, reasons, produced = run_generation(loaded, encoded, params)
             elapsed = time.perf_counter() - started
-        return Completion(prompt=prompt, continuations=continuations, finish_reasons=reasons,
-                          prompt_tokens=prompt_tokens, completion_tokens=produced,
-                          generation_time=round(elapsed, 4), model_name=loaded.name)
+        return Completion(
+            prompt=prompt,
+            continuations=continuations,
+            finish_reasons=reasons,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=produced,
+            generation_time=round(elapsed, 4),
+            model_name=loaded.name,
+        )
 
 
 _engine: ModelManager | None = None
@@ -228,9 +250,3 @@ def get_engine(settings: Settings) -> ModelManager:
             _engine = ModelManager(settings)
             _engine.load_startup_model()
         return _engine
-
-
-def loaded_model_summary(loaded: LoadedModel) -> dict[str, Any]:
-    """Identity of a loaded model for logs."""
-    return {"model_name": loaded.name, "device": loaded.device, "dtype": loaded.dtype,
-            "quantization": loaded.quantization, "parameters": loaded.parameter_count}

@@ -33,8 +33,9 @@ def generation_config(loaded: LoadedModel, params: SamplingParams) -> Any:
     return GenerationConfig(**options)
 
 
-def run_generation(loaded: LoadedModel, encoded: Any, params: SamplingParams
-                   ) -> tuple[list[str], list[FinishReason], int]:
+def run_generation(
+    loaded: LoadedModel, encoded: Any, params: SamplingParams
+) -> tuple[list[str], list[FinishReason], int]:
     """Generate; return continuations (stop strings cut off), finish reasons and tokens produced."""
     import torch
 
@@ -46,8 +47,9 @@ def run_generation(loaded: LoadedModel, encoded: Any, params: SamplingParams
     inputs = {name: tensor.to(loaded.device) for name, tensor in encoded.items()}
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # bitsandbytes warns about input casts on every call
-        output = loaded.model.generate(**inputs, generation_config=generation_config(loaded, params),
-                                       tokenizer=loaded.tokenizer)
+        output = loaded.model.generate(
+            **inputs, generation_config=generation_config(loaded, params), tokenizer=loaded.tokenizer
+        )
     prompt_ids = encoded["input_ids"][0].tolist()
     prompt_len = len(prompt_ids)
     continuations: list[str] = []
@@ -63,8 +65,9 @@ def run_generation(loaded: LoadedModel, encoded: Any, params: SamplingParams
     return continuations, reasons, produced
 
 
-def _finish(tokenizer: Any, eos_ids: set[int], prompt_ids: list[int], new_ids: list[int],
-            params: SamplingParams) -> tuple[str, FinishReason, int]:
+def _finish(
+    tokenizer: Any, eos_ids: set[int], prompt_ids: list[int], new_ids: list[int], params: SamplingParams
+) -> tuple[str, FinishReason, int]:
     pad_id = tokenizer.pad_token_id
     content: list[int] = []
     hit_eos = False
@@ -95,7 +98,7 @@ def decode_continuation(tokenizer: Any, prompt_ids: list[int], new_ids: list[int
     prefix = tokenizer.decode(prompt_ids, skip_special_tokens=True)
     full = tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True)
     if full.startswith(prefix):
-        return str(full[len(prefix):])
+        return str(full[len(prefix) :])
     return str(tokenizer.decode(new_ids, skip_special_tokens=True))
 
 

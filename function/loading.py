@@ -49,8 +49,9 @@ class LoadedModel:
 
 def quantization_from_flags(load_in_8bit: bool, load_in_4bit: bool) -> Quantization:
     if load_in_8bit and load_in_4bit:
-        raise InvalidRequestError("load_in_8bit and load_in_4bit are exclusive: ask for at most one",
-                                  field="load_in_4bit")
+        raise InvalidRequestError(
+            "load_in_8bit and load_in_4bit are exclusive: ask for at most one", field="load_in_4bit"
+        )
     return "8bit" if load_in_8bit else "4bit" if load_in_4bit else "none"
 
 
@@ -108,8 +109,12 @@ def _quantization_config(quantization: Quantization, compute_dtype: Any) -> Any:
 
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                              bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_use_double_quant=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_use_double_quant=True,
+    )
 
 
 def safe_reason(exc: BaseException, local_dir: Path) -> str:
@@ -141,8 +146,9 @@ def load_model(model_path: str, quantization: Quantization, settings: Settings, 
         raise
     except Exception as exc:  # transformers, torch and bitsandbytes raise many types; none may escape raw
         logger.exception("model load failed")
-        raise ModelLoadError("the model could not be loaded: " + safe_reason(exc, weights.local_dir),
-                             field="model_path") from exc
+        raise ModelLoadError(
+            "the model could not be loaded: " + safe_reason(exc, weights.local_dir), field="model_path"
+        ) from exc
     load_seconds = time.perf_counter() - started
     model, tokenizer, dtype, context_length, parameters = loaded
     return LoadedModel(
@@ -178,6 +184,7 @@ def _from_pretrained(
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = {"": device}
+    model: Any
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_pretrained(weights.local_dir, config=config, **kwargs)

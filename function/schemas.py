@@ -43,9 +43,16 @@ class GenerateRequest(BaseModel):
 
     def sampling_params(self, max_new_tokens_limit: int) -> SamplingParams:
         return SamplingParams(
-            max_new_tokens=_max_new_tokens(self, max_new_tokens_limit), temperature=self.temperature,
-            top_p=self.top_p, top_k=self.top_k, repetition_penalty=self.repetition_penalty, do_sample=self.do_sample,
-            num_return_sequences=self.num_return_sequences, stop=tuple(self.stop or ()), seed=self.seed)
+            max_new_tokens=_max_new_tokens(self, max_new_tokens_limit),
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty,
+            do_sample=self.do_sample,
+            num_return_sequences=self.num_return_sequences,
+            stop=tuple(self.stop or ()),
+            seed=self.seed,
+        )
 
 
 class ChatRequest(BaseModel):
@@ -60,13 +67,17 @@ class ChatRequest(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
 
     def sampling_params(self, max_new_tokens_limit: int) -> SamplingParams:
-        return SamplingParams(max_new_tokens=_max_new_tokens(self, max_new_tokens_limit),
-                              temperature=self.temperature, top_p=self.top_p, stop=tuple(self.stop or ()),
-                              seed=self.seed)
+        return SamplingParams(
+            max_new_tokens=_max_new_tokens(self, max_new_tokens_limit),
+            temperature=self.temperature,
+            top_p=self.top_p,
+            stop=tuple(self.stop or ()),
+            seed=self.seed,
+        )
 
 
 def _max_new_tokens(request: GenerateRequest | ChatRequest, limit: int) -> int:
-    """The user's value when given (checked against the limit later); else the default, capped by the limit."""
+    """The user's value when given (checked against the limit later), else the default capped by it."""
     if "max_new_tokens" in request.model_fields_set:
         return request.max_new_tokens
     return min(request.max_new_tokens, limit)

@@ -15,9 +15,9 @@ from function.errors import ModelLoadError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 CONVERT_HINT = (
-    "Convert it once, on a machine you trust, with: python -c \"from transformers import "
+    'Convert it once, on a machine you trust, with: python -c "from transformers import '
     "AutoModelForCausalLM as M; M.from_pretrained('IN_DIR').save_pretrained('OUT_DIR', "
-    "safe_serialization=True)\" and copy the tokenizer files beside it."
+    'safe_serialization=True)" and copy the tokenizer files beside it.'
 )
 
 
@@ -56,7 +56,8 @@ def resolve_weights(model_path: str) -> ResolvedWeights:
     local_dir = Path(model_path).expanduser()
     if not local_dir.is_dir():
         raise ModelLoadError(
-            "model_path is not an existing directory (model hub ids are not fetched: this service is offline)",
+            "model_path is not an existing directory "
+            "(model hub ids are not fetched: this service is offline)",
             field="model_path",
         )
     check_model_files(local_dir)
@@ -71,8 +72,9 @@ def resolve_weights(model_path: str) -> ResolvedWeights:
 def check_model_files(local_dir: Path) -> None:
     """Require a config and safetensors weights; refuse pickle-only checkpoints with a way out."""
     if not (local_dir / "config.json").is_file():
-        raise ModelLoadError("model_path holds no config.json: not a transformers model directory",
-                             field="model_path")
+        raise ModelLoadError(
+            "model_path holds no config.json: not a transformers model directory", field="model_path"
+        )
     names = [p.name for p in local_dir.iterdir() if p.is_file()]
     if any(name.endswith(".safetensors") for name in names):
         return

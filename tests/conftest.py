@@ -25,8 +25,17 @@ TEST_MAX_SEQUENCES = 3
 @pytest.fixture(autouse=True)
 def _no_service_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """A developer's MODEL_PATH or limits in the shell must not change what the tests see."""
-    for name in ("MODEL_PATH", "LOAD_IN_8BIT", "LOAD_IN_4BIT", "MAX_NEW_TOKENS", "MAX_NUM_RETURN_SEQUENCES",
-                 "CPU_DTYPE", "USE_CHAT_TEMPLATE", "INSTRUCTION_TEMPLATE", "INSTRUCTION_INPUT_TEMPLATE"):
+    for name in (
+        "MODEL_PATH",
+        "LOAD_IN_8BIT",
+        "LOAD_IN_4BIT",
+        "MAX_NEW_TOKENS",
+        "MAX_NUM_RETURN_SEQUENCES",
+        "CPU_DTYPE",
+        "USE_CHAT_TEMPLATE",
+        "INSTRUCTION_TEMPLATE",
+        "INSTRUCTION_INPUT_TEMPLATE",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -60,8 +69,11 @@ def slow_model_dir(models_root: Path) -> Path:
 
 
 def make_settings(**overrides: Any) -> Settings:
-    values: dict[str, Any] = {"max_new_tokens": TEST_MAX_NEW_TOKENS,
-                              "max_num_return_sequences": TEST_MAX_SEQUENCES, "cpu_dtype": "float32"}
+    values: dict[str, Any] = {
+        "max_new_tokens": TEST_MAX_NEW_TOKENS,
+        "max_num_return_sequences": TEST_MAX_SEQUENCES,
+        "cpu_dtype": "float32",
+    }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 

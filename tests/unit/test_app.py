@@ -28,8 +28,13 @@ def test_health_when_loaded(client: TestClient) -> None:
     response = client.get("/health")
 
     assert response.status_code == 200
-    assert response.json() == {"status": "healthy", "model_loaded": True, "model_name": "final_model",
-                               "device": "cpu", "reason": None}
+    assert response.json() == {
+        "status": "healthy",
+        "model_loaded": True,
+        "model_name": "final_model",
+        "device": "cpu",
+        "reason": None,
+    }
 
 
 def test_health_and_routes_when_no_model_is_loaded(tmp_path: Path) -> None:
@@ -45,8 +50,11 @@ def test_health_and_routes_when_no_model_is_loaded(tmp_path: Path) -> None:
     body = health.json()
     assert body["status"] == "unhealthy" and body["model_loaded"] is False and body["model_name"] is None
     assert "not an existing directory" in body["reason"]
-    for response in (client.post("/generate", json={"prompt": "a"}), client.post("/chat", json={"instruction": "a"}),
-                     client.get("/model_info")):
+    for response in (
+        client.post("/generate", json={"prompt": "a"}),
+        client.post("/chat", json={"instruction": "a"}),
+        client.get("/model_info"),
+    ):
         assert response.status_code == 503
         assert response.headers["Retry-After"]
         assert response.json()["error"]["code"] == "model_not_loaded"
@@ -68,13 +76,21 @@ def test_a_failed_start_up_load_is_retried(tmp_path: Path, demo_model_dir: Path)
 
 
 def test_generate_has_the_guide_shape(client: TestClient) -> None:
-    body = {"prompt": "Python이란 무엇인가요?", "max_new_tokens": 10, "temperature": 0.7, "top_p": 0.9, "top_k": 50,
-            "repetition_penalty": 1.1, "do_sample": True, "num_return_sequences": 2}
+    body = {
+        "prompt": "Python이란 무엇인가요?",
+        "max_new_tokens": 10,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "top_k": 50,
+        "repetition_penalty": 1.1,
+        "do_sample": True,
+        "num_return_sequences": 2,
+    }
     response = client.post("/generate", json=body)
 
     assert response.status_code == 200
     result = response.json()
-    assert GUIDE_GENERATE_KEYS <= result.keys()
+    assert result.keys() >= GUIDE_GENERATE_KEYS
     assert len(result["generated_text"]) == 2
     assert all(text.startswith(body["prompt"]) for text in result["generated_text"])
     assert result["prompt"] == body["prompt"] and result["model_name"] == "final_model"
@@ -88,12 +104,32 @@ def test_generate_defaults_are_the_guides(client: TestClient) -> None:
     generate = schema["GenerateRequest"]["properties"]
     chat = schema["ChatRequest"]["properties"]
 
-    assert {name: generate[name]["default"] for name in
-            ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "do_sample",
-             "num_return_sequences")} == {"max_new_tokens": 256, "temperature": 0.7, "top_p": 0.9, "top_k": 50,
-                                          "repetition_penalty": 1.1, "do_sample": True, "num_return_sequences": 1}
+    assert {
+        name: generate[name]["default"]
+        for name in (
+            "max_new_tokens",
+            "temperature",
+            "top_p",
+            "top_k",
+            "repetition_penalty",
+            "do_sample",
+            "num_return_sequences",
+        )
+    } == {
+        "max_new_tokens": 256,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "top_k": 50,
+        "repetition_penalty": 1.1,
+        "do_sample": True,
+        "num_return_sequences": 1,
+    }
     assert {name: chat[name]["default"] for name in ("input", "max_new_tokens", "temperature", "top_p")} == {
-        "input": "", "max_new_tokens": 256, "temperature": 0.7, "top_p": 0.9}
+        "input": "",
+        "max_new_tokens": 256,
+        "temperature": 0.7,
+        "top_p": 0.9,
+    }
     assert schema["GenerateRequest"]["required"] == ["prompt"]
     assert schema["ChatRequest"]["required"] == ["instruction"]
 
@@ -106,11 +142,13 @@ def test_greedy_generate_is_repeatable_over_http(client: TestClient) -> None:
 
 
 def test_chat_has_the_guide_shape(client: TestClient) -> None:
-    response = client.post("/chat", json={"instruction": "머신러닝을 설명하세요", "max_new_tokens": 12, "seed": 3})
+    response = client.post(
+        "/chat", json={"instruction": "머신러닝을 설명하세요", "max_new_tokens": 12, "seed": 3}
+    )
 
     assert response.status_code == 200
     result = response.json()
-    assert GUIDE_CHAT_KEYS <= result.keys()
+    assert result.keys() >= GUIDE_CHAT_KEYS
     assert result["response"] == result["response"].strip()
     assert "### Response:" not in result["response"]  # the continuation only
     assert result["instruction"] == "머신러닝을 설명하세요"
@@ -131,8 +169,9 @@ def test_model_info(client: TestClient, demo_model_dir: Path) -> None:
     assert info["load_timings"]["total_s"] >= info["load_timings"]["load_s"] > 0
 
 
-def test_load_model_swaps_and_a_failed_load_keeps_the_old(fresh_engine: ModelManager, other_model_dir: Path,
-                                                           tmp_path: Path) -> None:
+def test_load_model_swaps_and_a_failed_load_keeps_the_old(
+    fresh_engine: ModelManager, other_model_dir: Path, tmp_path: Path
+) -> None:
     client = TestClient(create_app(fresh_engine.settings, fresh_engine))
     missing = str(tmp_path / "absent")
 
@@ -146,12 +185,16 @@ def test_load_model_swaps_and_a_failed_load_keeps_the_old(fresh_engine: ModelMan
     assert loaded.status_code == 200
     assert loaded.json()["model_name"] == "other_model"
     assert loaded.json()["previous_model_name"] == "final_model"
-    assert client.post("/generate", json={"prompt": "a", "max_new_tokens": 2}).json()["model_name"] == "other_model"
+    assert (
+        client.post("/generate", json={"prompt": "a", "max_new_tokens": 2}).json()["model_name"]
+        == "other_model"
+    )
 
 
 def test_load_model_refuses_both_quantizations(client: TestClient, demo_model_dir: Path) -> None:
-    response = client.post("/load_model", params={"model_path": str(demo_model_dir), "load_in_8bit": True,
-                                                  "load_in_4bit": True})
+    response = client.post(
+        "/load_model", params={"model_path": str(demo_model_dir), "load_in_8bit": True, "load_in_4bit": True}
+    )
 
     assert response.status_code == 422
     assert response.json()["error"]["details"][0]["field"] == "load_in_4bit"
@@ -168,8 +211,9 @@ def test_load_model_needs_a_path(client: TestClient) -> None:
 def test_a_second_load_while_one_runs_is_409(slow_model_dir: Path, demo_model_dir: Path) -> None:
     engine = ModelManager(make_settings())
     client = TestClient(create_app(engine.settings, engine))
-    first = threading.Thread(target=client.post, args=("/load_model",), kwargs={"params": {
-        "model_path": str(slow_model_dir)}})
+    first = threading.Thread(
+        target=client.post, args=("/load_model",), kwargs={"params": {"model_path": str(slow_model_dir)}}
+    )
     first.start()
     deadline = time.monotonic() + 10
     while not engine.loading and time.monotonic() < deadline:

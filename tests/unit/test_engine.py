@@ -28,7 +28,9 @@ def test_greedy_output_is_deterministic(served_engine: ModelManager) -> None:
 
 def test_identical_concurrent_greedy_requests_return_identical_text(served_engine: ModelManager) -> None:
     with ThreadPoolExecutor(max_workers=6) as pool:
-        results = list(pool.map(lambda _: served_engine.generate("머신러닝", GREEDY).continuations[0], range(6)))
+        results = list(
+            pool.map(lambda _: served_engine.generate("머신러닝", GREEDY).continuations[0], range(6))
+        )
 
     assert len(set(results)) == 1
 
@@ -54,8 +56,9 @@ def test_num_return_sequences(served_engine: ModelManager) -> None:
 
 def test_seed_makes_sampling_reproducible(served_engine: ModelManager) -> None:
     def sample(seed: int | None) -> list[str]:
-        params = SamplingParams(max_new_tokens=12, temperature=1.0, top_k=0, top_p=1.0, seed=seed,
-                                num_return_sequences=2)
+        params = SamplingParams(
+            max_new_tokens=12, temperature=1.0, top_k=0, top_p=1.0, seed=seed, num_return_sequences=2
+        )
         return served_engine.generate("Python이란?", params).continuations
 
     assert sample(123) == sample(123)
@@ -69,8 +72,12 @@ def test_stop_string_cuts_the_text_before_it(served_engine: ModelManager) -> Non
     assert stop.strip(), "the demo model's continuation should have text after position 4"
 
     # WHEN a stop string from its middle is given
-    result = served_engine.generate("Python이란 무엇인가요?", SamplingParams(
-        max_new_tokens=16, temperature=0, repetition_penalty=1.0, stop=(stop, "never-produced")))
+    result = served_engine.generate(
+        "Python이란 무엇인가요?",
+        SamplingParams(
+            max_new_tokens=16, temperature=0, repetition_penalty=1.0, stop=(stop, "never-produced")
+        ),
+    )
 
     # THEN the text ends right before its first occurrence, with finish_reason stop
     assert result.continuations[0] == full[: full.index(stop)]
@@ -125,7 +132,9 @@ def test_instruction_format_without_chat_template(served_engine: ModelManager) -
 
 
 def test_instruction_template_setting_replaces_the_format(demo_model_dir: Path) -> None:
-    settings = make_settings(model_path=str(demo_model_dir), instruction_template="<user>{instruction}</user>\n")
+    settings = make_settings(
+        model_path=str(demo_model_dir), instruction_template="<user>{instruction}</user>\n"
+    )
     engine = ModelManager(settings)
     engine.load_startup_model()
 
@@ -162,7 +171,9 @@ def test_failed_load_keeps_the_old_model_serving(fresh_engine: ModelManager, tmp
         assert fresh_engine.generate("Python", GREEDY).continuations == before
 
 
-def test_pickle_checkpoints_are_refused_without_unpickling(fresh_engine: ModelManager, tmp_path: Path) -> None:
+def test_pickle_checkpoints_are_refused_without_unpickling(
+    fresh_engine: ModelManager, tmp_path: Path
+) -> None:
     marker = tmp_path / "pickle-ran"
     model_dir = write_pickle_only_model(tmp_path / "pickled", marker)
 
@@ -190,8 +201,9 @@ def test_a_load_racing_another_gets_busy(slow_model_dir: Path, demo_model_dir: P
     assert engine.current is not None and engine.current.path == str(slow_model_dir)
 
 
-def test_requests_in_flight_finish_on_the_model_they_started_with(slow_model_dir: Path,
-                                                                  other_model_dir: Path) -> None:
+def test_requests_in_flight_finish_on_the_model_they_started_with(
+    slow_model_dir: Path, other_model_dir: Path
+) -> None:
     engine = ModelManager(make_settings(model_path=str(slow_model_dir), max_new_tokens=400))
     engine.load_startup_model()
     params = SamplingParams(max_new_tokens=400, temperature=0)

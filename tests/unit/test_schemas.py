@@ -17,10 +17,20 @@ CASES: list[tuple[str, dict[str, Any], int, str | None, Any]] = [
     ("/generate", {"prompt": "a", "max_new_tokens": 1}, 200, None, None),
     ("/generate", {"prompt": "a", "max_new_tokens": 0}, 422, "max_new_tokens", 1),
     ("/generate", {"prompt": "a", "max_new_tokens": TEST_MAX_NEW_TOKENS}, 200, None, None),
-    ("/generate", {"prompt": "a", "max_new_tokens": TEST_MAX_NEW_TOKENS + 1}, 422, "max_new_tokens",
-     TEST_MAX_NEW_TOKENS),
-    ("/chat", {"instruction": "a", "max_new_tokens": TEST_MAX_NEW_TOKENS + 1}, 422, "max_new_tokens",
-     TEST_MAX_NEW_TOKENS),
+    (
+        "/generate",
+        {"prompt": "a", "max_new_tokens": TEST_MAX_NEW_TOKENS + 1},
+        422,
+        "max_new_tokens",
+        TEST_MAX_NEW_TOKENS,
+    ),
+    (
+        "/chat",
+        {"instruction": "a", "max_new_tokens": TEST_MAX_NEW_TOKENS + 1},
+        422,
+        "max_new_tokens",
+        TEST_MAX_NEW_TOKENS,
+    ),
     ("/chat", {"instruction": "a", "max_new_tokens": 0}, 422, "max_new_tokens", 1),
     # temperature >= 0, 0 is greedy
     ("/generate", {"prompt": "a", "temperature": 0, **QUICK}, 200, None, None),
@@ -40,11 +50,21 @@ CASES: list[tuple[str, dict[str, Any], int, str | None, Any]] = [
     ("/generate", {"prompt": "a", "repetition_penalty": 0, **QUICK}, 422, "repetition_penalty", 0),
     # num_return_sequences: 1..MAX_NUM_RETURN_SEQUENCES
     ("/generate", {"prompt": "a", "num_return_sequences": TEST_MAX_SEQUENCES, **QUICK}, 200, None, None),
-    ("/generate", {"prompt": "a", "num_return_sequences": TEST_MAX_SEQUENCES + 1, **QUICK}, 422,
-     "num_return_sequences", TEST_MAX_SEQUENCES),
+    (
+        "/generate",
+        {"prompt": "a", "num_return_sequences": TEST_MAX_SEQUENCES + 1, **QUICK},
+        422,
+        "num_return_sequences",
+        TEST_MAX_SEQUENCES,
+    ),
     ("/generate", {"prompt": "a", "num_return_sequences": 0, **QUICK}, 422, "num_return_sequences", 1),
-    ("/generate", {"prompt": "a", "num_return_sequences": 2, "do_sample": False, **QUICK}, 422,
-     "num_return_sequences", 1),
+    (
+        "/generate",
+        {"prompt": "a", "num_return_sequences": 2, "do_sample": False, **QUICK},
+        422,
+        "num_return_sequences",
+        1,
+    ),
     # prompt / instruction not empty
     ("/generate", {"prompt": "", **QUICK}, 422, "prompt", 1),
     ("/generate", {"prompt": "  \n", **QUICK}, 422, "prompt", None),
@@ -64,10 +84,14 @@ CASES: list[tuple[str, dict[str, Any], int, str | None, Any]] = [
 ]
 
 
-@pytest.mark.parametrize(("route", "body", "status", "field", "limit"), CASES,
-                         ids=[f"{c[0]}-{c[3] or 'ok'}-{c[2]}-{i}" for i, c in enumerate(CASES)])
-def test_bounds(client: TestClient, route: str, body: dict[str, Any], status: int, field: str | None,
-                limit: Any) -> None:
+@pytest.mark.parametrize(
+    ("route", "body", "status", "field", "limit"),
+    CASES,
+    ids=[f"{c[0]}-{c[3] or 'ok'}-{c[2]}-{i}" for i, c in enumerate(CASES)],
+)
+def test_bounds(
+    client: TestClient, route: str, body: dict[str, Any], status: int, field: str | None, limit: Any
+) -> None:
     # WHEN the request is sent
     response = client.post(route, json=body)
 

@@ -1,0 +1,217 @@
+"""A real server process, started the ways the README says, answering the README's guide examples."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parents[2]
+README = REPO / "README.md"
+pytestmark = pytest.mark.server
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_healthy(base_url: str, process: subprocess.Popen[bytes], timeout: float = 180) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited with {process.returncode}")
+        try:
+            response = requests.get(f"{base_url}/health", timeout=2)
+            if response.status_code == 200:
+                body: dict[str, Any] = response.json()
+                return body
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("server did not become healthy")
+
+
+def start(command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    environment = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("MODEL_PATH", "LOAD_IN_8BIT", "LOAD_IN_4BIT")
+    }
+    environment.update(env or {})
+    return subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def cli_server(demo_model_dir: Path) -> Iterator[str]:
+    """`python -m function serve --model_path DIR --host … --port …`, as the README's Serving table says."""
+    port = free_port()
+    process = start(
+        [
+            sys.executable,
+            "-m",
+            "function",
+            "serve",
+            "--model_path",
+            str(demo_model_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base_url, process)
+        yield base_url
+    finally:
+        stop(process)
+
+
+def readme_block(marker: str) -> str:
+    text = README.read_text(encoding="utf-8")
+    match = re.search(re.escape(f"<!-- {marker} -->") + r"\s*```\w+\n(.*?)```", text, re.DOTALL)
+    assert match, f"README has no block after <!-- {marker} -->"
+    return match.group(1)
+
+
+def json_documents(text: str) -> list[dict[str, Any]]:
+    decoder, documents, index = json.JSONDecoder(), [], 0
+    while index < len(text):
+        if text[index].isspace():
+            index += 1
+            continue
+        document, index = decoder.raw_decode(text, index)
+        documents.append(document)
+    return documents
+
+
+def test_the_guides_curl_examples_verbatim(cli_server: str) -> None:
+    script = readme_block("guide-examples:bash").replace("http://localhost:8000", cli_server)
+
+    result = subprocess.run(["bash", "-e", "-c", script], capture_output=True, text=True, timeout=300)
+
+    assert result.returncode == 0, result.stderr
+    health, generated, chat = json_documents(result.stdout)
+    assert health["status"] == "healthy" and health["model_name"] == "final_model"
+    assert generated["generated_text"][0].startswith("Python이란?")
+    assert {"prompt", "model_name", "generation_time"} <= generated.keys()
+    assert chat["instruction"] == "머신러닝을 설명하세요" and isinstance(chat["response"], str)
+
+
+def test_the_guides_python_requests_example_verbatim(cli_server: str) -> None:
+    script = readme_block("guide-examples:python").replace("http://localhost:8000", cli_server)
+
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+
+    assert result.returncode == 0, result.stderr  # a KeyError on result['response'] would fail here
+
+
+def test_errors_over_the_wire_have_the_one_shape(cli_server: str) -> None:
+    bad = requests.post(
+        f"{cli_server}/generate", data=b"{not json", headers={"Content-Type": "application/json"}, timeout=30
+    )
+    out_of_bounds = requests.post(f"{cli_server}/generate", json={"prompt": "a", "top_p": 2}, timeout=30)
+
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
+    assert out_of_bounds.status_code == 422
+    assert out_of_bounds.json()["error"]["details"][0] == {
+        "field": "top_p",
+        "message": "Input should be less than or equal to 1",
+        "limit": 1.0,
+    }
+
+
+def test_uvicorn_with_model_path_in_the_environment(demo_model_dir: Path) -> None:
+    port = free_port()
+    process = start(
+        [sys.executable, "-m", "uvicorn", "function.app:app", "--host", "127.0.0.1", "--port", str(port)],
+        env={"MODEL_PATH": str(demo_model_dir)},
+    )
+    try:
+        health = wait_healthy(f"http://127.0.0.1:{port}", process)
+    finally:
+        stop(process)
+
+    assert health["model_name"] == "final_model"
+
+
+def test_serve_with_reload_and_a_quantization_flag(other_model_dir: Path) -> None:
+    port = free_port()
+    process = start(
+        [
+            sys.executable,
+            "-m",
+            "function",
+            "serve",
+            "--model_path",
+            str(other_model_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--load_in_8bit",
+            "--reload",
+        ]
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base_url, process)
+        info = requests.get(f"{base_url}/model_info", timeout=30).json()
+    finally:
+        stop(process)
+
+    assert info["model_name"] == "other_model" and info["quantization"] == "8bit"
+
+
+@pytest.mark.skipif((REPO / ".env").exists(), reason="a .env in the checkout would choose the model")
+def test_make_serve_builds_and_serves_the_demo_model(tmp_path: Path) -> None:
+    port = free_port()
+    demo = tmp_path / "quickstart_demo"
+    process = start(
+        [
+            "make",
+            "--no-print-directory",
+            "serve",
+            f"PORT={port}",
+            "HOST=127.0.0.1",
+            f"DEMO_MODEL={demo}",
+            f"VENV={Path(sys.executable).parent.parent}",
+        ]
+    )
+    try:
+        health = wait_healthy(f"http://127.0.0.1:{port}", process)
+    finally:
+        stop(process)
+
+    assert health["model_name"] == "quickstart_demo"
+    assert (demo / "model.safetensors").is_file()

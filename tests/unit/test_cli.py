@@ -1,0 +1,94 @@
+"""The command line: the guide's flags, precedence, and no heavy imports while parsing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from function.__main__ import build_parser, main, settings_from_args
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "function", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_serve_takes_the_guides_flags() -> None:
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--model_path",
+            "outputs/checkpoints/final_model",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "8000",
+            "--load_in_4bit",
+            "--reload",
+        ]
+    )
+
+    assert (args.model_path, args.host, args.port, args.load_in_4bit, args.reload) == (
+        "outputs/checkpoints/final_model",
+        "0.0.0.0",
+        8000,
+        True,
+        True,
+    )
+
+
+def test_quantization_flags_are_exclusive() -> None:
+    result = run_cli("serve", "--load_in_8bit", "--load_in_4bit")
+
+    assert result.returncode == 2
+    assert "not allowed with" in result.stderr
+
+
+def test_a_flag_beats_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODEL_PATH", "/from/env")
+    monkeypatch.setenv("LOAD_IN_4BIT", "true")
+
+    settings = settings_from_args(
+        build_parser().parse_args(["serve", "--model_path", "/from/flag", "--load_in_8bit"])
+    )
+    from_env = settings_from_args(build_parser().parse_args(["serve"]))
+
+    assert settings.model_path == "/from/flag" and settings.load_in_8bit and not settings.load_in_4bit
+    assert from_env.model_path == "/from/env" and from_env.load_in_4bit
+
+
+def test_invalid_environment_is_a_clear_error_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("LOAD_IN_8BIT", "true")
+    monkeypatch.setenv("LOAD_IN_4BIT", "true")
+
+    assert main(["serve"]) == 2
+    assert "exclusive" in capsys.readouterr().err
+
+
+def test_help_and_parsing_import_no_torch() -> None:
+    code = (
+        "import sys; from function.__main__ import build_parser; "
+        "build_parser().parse_args(['serve', '--model_path', 'x']); "
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+    assert result.stdout.strip() == "[]"
+    help_text = run_cli("serve", "--help").stdout
+    for flag in ("--model_path", "--host", "--port", "--load_in_8bit", "--load_in_4bit", "--reload"):
+        assert flag in help_text
+
+
+def test_demo_model_command_writes_a_model(tmp_path: Path) -> None:
+    result = run_cli("demo-model", str(tmp_path / "demo"), "--chat-template")
+
+    assert result.returncode == 0, result.stderr
+    assert "random weights" in result.stdout
+    names = {p.name for p in (tmp_path / "demo").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
