@@ -7,7 +7,9 @@ which beats a `.env` entry, which beats the default below.
 from __future__ import annotations
 
 import os
+import tempfile
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -45,6 +47,10 @@ class Settings(BaseSettings):
         default=8_000_000,
         ge=0,
         description="With cpu_dtype=auto, models below this size stay float32 (bf16 measured slower there).",
+    )
+    model_cache_dir: Path = Field(
+        default=Path(tempfile.gettempdir()) / "llm-function" / "models",
+        description="Where s3:// models are cached (on Lambda: under /tmp, sized by ephemeral storage).",
     )
     load_retry_interval_s: float = Field(
         default=5.0,

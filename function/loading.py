@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from function.config import Settings
 from function.errors import InvalidRequestError, ModelLoadError
+from function.fetch import FetchResult
 from function.weights import ResolvedWeights, resolve_weights
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class LoadedModel:
     resolve_seconds: float
     load_seconds: float
     loaded_at: datetime
+    fetch: FetchResult | None = None
 
     def memory_bytes(self) -> int:
         return int(self.model.get_memory_footprint())
@@ -138,7 +140,7 @@ def _context_length(config: Any, tokenizer: Any) -> int:
 
 def load_model(model_path: str, quantization: Quantization, settings: Settings, device: str) -> LoadedModel:
     """Resolve, then load tokenizer and model. Raises `ModelLoadError` with a client-safe reason."""
-    weights = resolve_weights(model_path)
+    weights = resolve_weights(model_path, settings.model_cache_dir)
     started = time.perf_counter()
     try:
         loaded = _from_pretrained(weights, quantization, settings, device)
@@ -165,6 +167,7 @@ def load_model(model_path: str, quantization: Quantization, settings: Settings, 
         resolve_seconds=weights.resolve_seconds,
         load_seconds=load_seconds,
         loaded_at=datetime.now(UTC),
+        fetch=weights.fetch,
     )
 
 

@@ -1,8 +1,8 @@
 """Resolve a model path into a local directory of loadable weights, and check what is in it.
 
-`MODEL_PATH` is a local directory or `s3://bucket/prefix`. Local directories work here; the
-`s3://` branch is the seam the Lambda cold-start fetcher fills (it will download the prefix to
-a local cache and return the same `ResolvedWeights`).
+`MODEL_PATH` is a local directory or `s3://bucket/prefix`. An `s3://` prefix is fetched into
+the local cache by `function.fetch.ModelFetcher` (verified, reused while unchanged) and then
+checked like a local directory.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from function.errors import ModelLoadError
+from function.fetch import PICKLE_SUFFIXES, FetchResult, ModelFetcher
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 CONVERT_HINT = (
     'Convert it once, on a machine you trust, with: python -c "from transformers import '
     "AutoModelForCausalLM as M; M.from_pretrained('IN_DIR').save_pretrained('OUT_DIR', "
@@ -29,6 +29,7 @@ class ResolvedWeights:
     source: str
     name: str
     resolve_seconds: float
+    fetch: FetchResult | None = None
 
 
 def model_name_from_path(model_path: str) -> str:
@@ -39,14 +40,18 @@ def model_name_from_path(model_path: str) -> str:
     return Path(model_path.rstrip("/\\")).name or model_path
 
 
-def resolve_weights(model_path: str) -> ResolvedWeights:
-    """Turn `model_path` into a checked local directory, or raise `ModelLoadError`."""
+def resolve_weights(model_path: str, cache_dir: Path) -> ResolvedWeights:
+    """Turn `model_path` into a checked local directory (fetching `s3://` into `cache_dir`)."""
     started = time.perf_counter()
     if model_path.startswith("s3://"):
-        raise ModelLoadError(
-            "s3:// model paths need the S3 cold-start fetcher, which this build does not include yet; "
-            "use a local directory",
-            field="model_path",
+        fetched = ModelFetcher(cache_dir).fetch(model_path)
+        check_model_files(fetched.local_dir)
+        return ResolvedWeights(
+            fetched.local_dir,
+            model_path,
+            model_name_from_path(model_path),
+            time.perf_counter() - started,
+            fetched,
         )
     if "://" in model_path:
         raise ModelLoadError(

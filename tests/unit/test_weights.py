@@ -26,7 +26,7 @@ def test_model_name_is_the_last_part(path: str, name: str) -> None:
 
 
 def test_a_local_model_directory_resolves(demo_model_dir: Path) -> None:
-    resolved = resolve_weights(str(demo_model_dir))
+    resolved = resolve_weights(str(demo_model_dir), demo_model_dir.parent / "cache")
 
     assert resolved.local_dir == demo_model_dir.resolve()
     assert resolved.name == "final_model"
@@ -36,12 +36,7 @@ def test_a_local_model_directory_resolves(demo_model_dir: Path) -> None:
 @pytest.mark.parametrize("path", ["file:///etc", "http://169.254.169.254/latest", "hf://gpt2"])
 def test_other_url_schemes_are_refused(path: str) -> None:
     with pytest.raises(ModelLoadError, match="other URL schemes are refused"):
-        resolve_weights(path)
-
-
-def test_s3_paths_reach_the_fetcher_seam() -> None:
-    with pytest.raises(ModelLoadError, match="s3://"):
-        resolve_weights("s3://bucket/prefix")
+        resolve_weights(path, Path("unused-cache"))
 
 
 @pytest.mark.parametrize("hub_id", ["gpt2", "meta-llama/Llama-2-7b-hf"])
@@ -49,18 +44,18 @@ def test_hub_ids_are_not_fetched(hub_id: str, tmp_path: Path, monkeypatch: pytes
     monkeypatch.chdir(tmp_path)
 
     with pytest.raises(ModelLoadError, match="offline"):
-        resolve_weights(hub_id)
+        resolve_weights(hub_id, tmp_path / "cache")
 
 
 def test_a_directory_without_config_is_refused(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors").write_bytes(b"")
 
     with pytest.raises(ModelLoadError, match=r"config\.json"):
-        resolve_weights(str(tmp_path))
+        resolve_weights(str(tmp_path), tmp_path / "cache")
 
 
 def test_a_directory_without_weights_is_refused(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}", encoding="utf-8")
 
     with pytest.raises(ModelLoadError, match="safetensors"):
-        resolve_weights(str(tmp_path))
+        resolve_weights(str(tmp_path), tmp_path / "cache")
