@@ -6,6 +6,7 @@ imported, so tests and tools can import `create_app` without loading a model.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Annotated, Any
 
@@ -29,6 +30,7 @@ from function.loading import quantization_from_flags
 from function.schemas import (
     ChatRequest,
     ChatResponse,
+    ColdStart,
     ErrorDetail,
     ErrorInfo,
     ErrorResponse,
@@ -149,8 +151,20 @@ def create_app(settings: Settings | None = None, engine: ModelManager | None = N
     app.state.engine = engine
     app.state.settings = settings
     install_error_handlers(app)
+    _mark_cold_response(app)
     _add_routes(app)
     return app
+
+
+def _mark_cold_response(app: FastAPI) -> None:
+    """`X-Cold-Start: true` on the first response of this process (environment), `false` after."""
+    responses = itertools.count()
+
+    @app.middleware("http")
+    async def cold_start_header(request: Request, call_next: Any) -> Any:
+        response = await call_next(request)
+        response.headers["X-Cold-Start"] = "true" if next(responses) == 0 else "false"
+        return response
 
 
 def _add_routes(app: FastAPI) -> None:
@@ -218,6 +232,7 @@ def _add_routes(app: FastAPI) -> None:
                 total_s=round(loaded.resolve_seconds + loaded.load_seconds, 4),
             ),
             loaded_at=loaded.loaded_at.isoformat(),
+            cold_start=ColdStart(**phases) if (phases := engine.cold_start()) else None,
         )
 
     @app.post("/load_model", response_model=LoadModelResponse)

@@ -8,11 +8,15 @@ a failed load leaves the old model serving.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 from function.config import Settings
 from function.errors import (
@@ -27,6 +31,22 @@ from function.loading import LoadedModel, Quantization, load_model, pick_device,
 logger = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length", "time"]
+MIN_GENERATION_SECONDS = 0.05
+
+# A monotonic deadline for the generation of the current request, set by whoever knows it (the
+# Lambda handler, from the invocation's remaining time and API Gateway's limit). Generation stops
+# itself before it, with finish_reason "time", instead of being killed.
+generation_deadline: ContextVar[float | None] = ContextVar("generation_deadline", default=None)
+
+
+@contextmanager
+def deadline_in(seconds: float | None) -> Iterator[None]:
+    """Run the block with a generation deadline `seconds` from now (None: no deadline)."""
+    token = generation_deadline.set(None if seconds is None else time.monotonic() + seconds)
+    try:
+        yield
+    finally:
+        generation_deadline.reset(token)
 
 
 @dataclass(frozen=True)
@@ -119,6 +139,11 @@ class ModelManager:
     _generate_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     _startup_error: str | None = field(default=None, init=False)
     _last_startup_attempt: float | None = field(default=None, init=False)
+    # Cold-start phases of this process: imports (measured by the entry point), fetch and load of
+    # the start-up model, and the first token of the first generation.
+    imports_seconds: float | None = None
+    _cold_start: dict[str, Any] | None = field(default=None, init=False)
+    _first_token_pending: bool = field(default=True, init=False)
 
     @property
     def current(self) -> LoadedModel | None:
@@ -154,7 +179,8 @@ class ModelManager:
         self._last_startup_attempt = time.monotonic()
         quantization = quantization_from_flags(self.settings.load_in_8bit, self.settings.load_in_4bit)
         try:
-            self.load(self.settings.model_path, quantization)
+            loaded, _ = self.load(self.settings.model_path, quantization)
+            self._record_cold_start(loaded)
         except ModelLoadInProgressError:
             return
         except ModelLoadError as exc:
@@ -219,9 +245,11 @@ class ModelManager:
                 field="max_new_tokens",
                 limit=loaded.context_length,
             )
+        params = self._within_deadline(params)
         with self._generate_lock:
             started = time.perf_counter()
-            continuations, reasons, produced = run_generation(loaded, encoded, params)
+            on_first_token = self._first_token_recorder(started) if self._first_token_pending else None
+            continuations, reasons, produced = run_generation(loaded, encoded, params, on_first_token)
             elapsed = time.perf_counter() - started
         return Completion(
             prompt=prompt,
@@ -233,12 +261,48 @@ class ModelManager:
             model_name=loaded.name,
         )
 
+    @staticmethod
+    def _within_deadline(params: SamplingParams) -> SamplingParams:
+        deadline = generation_deadline.get()
+        if deadline is None:
+            return params
+        left = max(MIN_GENERATION_SECONDS, deadline - time.monotonic())
+        budget = left if params.max_time is None else min(params.max_time, left)
+        return replace(params, max_time=budget)
+
+    def _record_cold_start(self, loaded: LoadedModel) -> None:
+        fetch = loaded.fetch
+        self._cold_start = {
+            "imports_s": None if self.imports_seconds is None else round(self.imports_seconds, 4),
+            "fetch_s": round(loaded.resolve_seconds, 4),
+            "fetch_bytes": fetch.bytes_downloaded if fetch else 0,
+            "fetch_mb_per_s": round(fetch.megabytes_per_second, 1) if fetch else None,
+            "fetch_from_cache": fetch.from_cache if fetch else None,
+            "load_s": round(loaded.load_seconds, 4),
+            "first_token_s": None,
+        }
+
+    def _first_token_recorder(self, started: float) -> Any:
+        def record() -> None:
+            if not self._first_token_pending:
+                return
+            self._first_token_pending = False
+            if self._cold_start is not None:
+                self._cold_start["first_token_s"] = round(time.perf_counter() - started, 4)
+                logger.info(json.dumps({"event": "cold_start", **self._cold_start}))
+
+        return record
+
+    def cold_start(self) -> dict[str, Any] | None:
+        """The start-up phases of this process, or None when no start-up model was loaded."""
+        return None if self._cold_start is None else dict(self._cold_start)
+
 
 _engine: ModelManager | None = None
 _engine_lock = threading.Lock()
 
 
-def get_engine(settings: Settings) -> ModelManager:
+def get_engine(settings: Settings, imports_seconds: float | None = None) -> ModelManager:
     """The process-wide engine, built once; its start-up model loads on first build.
 
     Called from the app factory and the Lambda handler module, never from an ASGI lifespan
@@ -247,6 +311,6 @@ def get_engine(settings: Settings) -> ModelManager:
     global _engine
     with _engine_lock:
         if _engine is None:
-            _engine = ModelManager(settings)
+            _engine = ModelManager(settings, imports_seconds=imports_seconds)
             _engine.load_startup_model()
         return _engine

@@ -177,27 +177,33 @@ class ModelFetcher:
         total = sum(f.size for f in files)
         if (target / COMPLETE_MARKER).is_file():
             return FetchResult(target, len(files), total, 0, time.perf_counter() - started, True)
-        self._check_space(total)
+        # Files already in place were verified before their rename (an init cut short by Lambda's
+        # 10 s limit, say): only the rest is fetched. The marker still comes last.
+        pending = [f for f in files if not (target / f.name).is_file()]
+        needed = sum(f.size for f in pending)
+        self._check_space(needed)
         target.mkdir(parents=True, exist_ok=True)
         try:
-            self._download_all(location, files, target)
+            self._download_all(location, files, pending, target)
         except BaseException:
             shutil.rmtree(target, ignore_errors=True)  # nothing partial stays behind
             raise
         (target / COMPLETE_MARKER).write_text(
             json.dumps({"files": len(files), "bytes": total}), encoding="utf-8"
         )
-        return FetchResult(target, len(files), total, total, time.perf_counter() - started, False)
+        return FetchResult(target, len(files), total, needed, time.perf_counter() - started, False)
 
-    def _download_all(self, location: S3Location, files: list[RemoteFile], target: Path) -> None:
+    def _download_all(
+        self, location: S3Location, files: list[RemoteFile], pending: list[RemoteFile], target: Path
+    ) -> None:
         manifest = self._manifest(location, files)
         # One flat pool over every byte range of every file: small files and the parts of large ones
         # all proceed at once. Then each file is verified (in parallel) and renamed into place.
-        tasks = [(f, first, last) for f in files for first, last in self._ranges(f, target)]
+        tasks = [(f, first, last) for f in pending for first, last in self._ranges(f, target)]
         with ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="fetch") as pool:
             for _ in pool.map(lambda task: self._download_range(task[0], target, task[1], task[2]), tasks):
                 pass
-            for _ in pool.map(lambda f: self._verify_and_place(f, target, manifest), files):
+            for _ in pool.map(lambda f: self._verify_and_place(f, target, manifest), pending):
                 pass
 
     def _list(self, location: S3Location) -> list[RemoteFile]:
@@ -258,16 +264,18 @@ class ModelFetcher:
             )
 
     def _remove_leftovers(self, keep: Path) -> None:
-        """Incomplete downloads (no marker) and older versions of cached models go first."""
+        """Partial files, and every cached model but this version, go first."""
         if not self.cache_root.is_dir():
             return
         for entry in self.cache_root.iterdir():
-            if entry == keep and (entry / COMPLETE_MARKER).is_file():
-                for part in entry.rglob("*.part"):
-                    part.unlink(missing_ok=True)
-                continue
-            if entry == keep or entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
+            if entry != keep:
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+        if keep.is_dir():
+            for part in keep.rglob("*.part"):
+                part.unlink(missing_ok=True)
 
     def _ranges(self, remote: RemoteFile, target: Path) -> list[tuple[int, int]]:
         """Create the file's `.part` at full size and split it into ranges of `part_size`."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -34,9 +35,15 @@ def generation_config(loaded: LoadedModel, params: SamplingParams) -> Any:
 
 
 def run_generation(
-    loaded: LoadedModel, encoded: Any, params: SamplingParams
+    loaded: LoadedModel,
+    encoded: Any,
+    params: SamplingParams,
+    on_first_token: Callable[[], None] | None = None,
 ) -> tuple[list[str], list[FinishReason], int]:
-    """Generate; return continuations (stop strings cut off), finish reasons and tokens produced."""
+    """Generate; return continuations (stop strings cut off), finish reasons and tokens produced.
+
+    `on_first_token` is called once, right after the first new token exists (cold-start timing).
+    """
     import torch
 
     if not params.greedy:
@@ -47,8 +54,11 @@ def run_generation(
     inputs = {name: tensor.to(loaded.device) for name, tensor in encoded.items()}
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # bitsandbytes warns about input casts on every call
+        extra: dict[str, Any] = {}
+        if on_first_token is not None:
+            extra["stopping_criteria"] = _first_token_criteria(on_first_token)
         output = loaded.model.generate(
-            **inputs, generation_config=generation_config(loaded, params), tokenizer=loaded.tokenizer
+            **inputs, generation_config=generation_config(loaded, params), tokenizer=loaded.tokenizer, **extra
         )
     prompt_ids = encoded["input_ids"][0].tolist()
     prompt_len = len(prompt_ids)
@@ -63,6 +73,19 @@ def run_generation(
         reasons.append(reason)
         produced += count
     return continuations, reasons, produced
+
+
+def _first_token_criteria(callback: Callable[[], None]) -> Any:
+    """A stopping criterion that never stops: transformers calls it after each new token."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class FirstToken(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **_: Any) -> Any:
+            callback()
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([FirstToken()])
 
 
 def _finish(

@@ -120,6 +120,20 @@ class LoadTimings(BaseModel):
     total_s: float
 
 
+class ColdStart(BaseModel):
+    """Start-up phases of this process (an execution environment on Lambda)."""
+
+    imports_s: float | None = Field(description="Importing the app, torch and transformers (Lambda entry).")
+    fetch_s: float = Field(
+        description="Resolving MODEL_PATH: the S3 download, or checking a local directory."
+    )
+    fetch_bytes: int = Field(description="Bytes downloaded (0 when the /tmp cache was reused).")
+    fetch_mb_per_s: float | None
+    fetch_from_cache: bool | None = Field(description="True when unchanged weights were found in /tmp.")
+    load_s: float = Field(description="from_pretrained of the tokenizer and the model.")
+    first_token_s: float | None = Field(description="First token of the first request, once there was one.")
+
+
 class ModelInfoResponse(BaseModel):
     model_name: str
     model_path: str
@@ -135,6 +149,9 @@ class ModelInfoResponse(BaseModel):
     chat_template: bool = Field(description="Whether /chat uses the tokenizer's chat template.")
     load_timings: LoadTimings
     loaded_at: str
+    cold_start: ColdStart | None = Field(
+        description="Start-up phases; null when no start-up model was loaded."
+    )
 
 
 class LoadModelResponse(BaseModel):

@@ -10,16 +10,24 @@ from typing import Any
 from function.fetch import MANIFEST_NAME, build_manifest
 
 
-def upload_model(client: Any, bucket: str, prefix: str, model_dir: Path, *, manifest: bool = True,
-                 checksum: str | None = None) -> None:
+def upload_model(
+    client: Any,
+    bucket: str,
+    prefix: str,
+    model_dir: Path,
+    *,
+    manifest: bool = True,
+    checksum: str | None = None,
+) -> None:
     """Put every file of `model_dir` under `prefix`, and the publish manifest when asked."""
     extra = {"ChecksumAlgorithm": checksum} if checksum else {}
     for path in sorted(model_dir.iterdir()):
         if path.is_file():
             client.put_object(Bucket=bucket, Key=f"{prefix}{path.name}", Body=path.read_bytes(), **extra)
     if manifest:
-        client.put_object(Bucket=bucket, Key=f"{prefix}{MANIFEST_NAME}",
-                          Body=json.dumps(build_manifest(model_dir)).encode())
+        client.put_object(
+            Bucket=bucket, Key=f"{prefix}{MANIFEST_NAME}", Body=json.dumps(build_manifest(model_dir)).encode()
+        )
 
 
 class RequestCounter:
@@ -50,8 +58,10 @@ def inject_errors(client: Any, operation: str, status: int, code: str, times: in
         sent.append(1)
         if len(sent) > times:
             return None
-        body = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
-                f"<Message>injected</Message></Error>").encode()
+        body = (
+            f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
+            f"<Message>injected</Message></Error>"
+        ).encode()
         response = AWSResponse(request.url, status, {"Content-Type": "application/xml"}, _Raw())
         response._content = body
         return response

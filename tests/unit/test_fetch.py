@@ -26,8 +26,11 @@ BUCKET = "models"
 
 @pytest.fixture
 def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
@@ -84,16 +87,20 @@ def test_unchanged_weights_are_not_downloaded_again(s3: Any, demo_model_dir: Pat
     assert counter.calls["GetObject"] == 0 and counter.calls["ListObjectsV2"] == 1
 
     # AND a changed object is a new version: downloaded, and the old copy removed
-    s3.put_object(Bucket=BUCKET, Key="m/final_model/config.json",
-                  Body=(demo_model_dir / "config.json").read_bytes() + b"\n")
+    s3.put_object(
+        Bucket=BUCKET,
+        Key="m/final_model/config.json",
+        Body=(demo_model_dir / "config.json").read_bytes() + b"\n",
+    )
     s3.put_object(Bucket=BUCKET, Key=f"m/final_model/{MANIFEST_NAME}", Body=b'{"files": {}}')
     changed = ModelFetcher(tmp_path / "cache", s3).fetch(f"s3://{BUCKET}/m/final_model/")
     assert not changed.from_cache and changed.local_dir != first.local_dir
     assert not first.local_dir.exists()
 
 
-def test_tampered_file_is_refused_and_nothing_partial_is_left(s3: Any, demo_model_dir: Path,
-                                                              tmp_path: Path) -> None:
+def test_tampered_file_is_refused_and_nothing_partial_is_left(
+    s3: Any, demo_model_dir: Path, tmp_path: Path
+) -> None:
     upload_model(s3, BUCKET, "m/", demo_model_dir)
     tampered = bytearray((demo_model_dir / "model.safetensors").read_bytes())
     tampered[-1] ^= 0xFF
@@ -151,12 +158,16 @@ def test_503_then_success_is_retried(s3: Any, demo_model_dir: Path, tmp_path: Pa
     assert files_of(result.local_dir).keys() >= files_of(demo_model_dir).keys()
 
 
-@pytest.mark.parametrize(("code", "status", "reason"), [
-    ("AccessDenied", 403, "denied (AccessDenied)"),
-    ("NoSuchBucket", 404, "does not exist (NoSuchBucket)"),
-])
-def test_clear_reasons_for_access_and_bucket_errors(s3: Any, tmp_path: Path, code: str, status: int,
-                                                    reason: str) -> None:
+@pytest.mark.parametrize(
+    ("code", "status", "reason"),
+    [
+        ("AccessDenied", 403, "denied (AccessDenied)"),
+        ("NoSuchBucket", 404, "does not exist (NoSuchBucket)"),
+    ],
+)
+def test_clear_reasons_for_access_and_bucket_errors(
+    s3: Any, tmp_path: Path, code: str, status: int, reason: str
+) -> None:
     inject_errors(s3, "ListObjectsV2", status, code, times=100)
 
     with pytest.raises(ModelLoadError) as error:
@@ -199,8 +210,16 @@ def test_too_small_cache_fails_before_downloading(s3: Any, demo_model_dir: Path,
     assert leftovers(cache) == []
 
 
-@pytest.mark.parametrize("uri", ["s3://models/../etc/", "s3://models/a/../../b", "s3://Bad_Bucket/x",
-                                 "s3://models//double", "s3:///nobucket"])
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "s3://models/../etc/",
+        "s3://models/a/../../b",
+        "s3://Bad_Bucket/x",
+        "s3://models//double",
+        "s3:///nobucket",
+    ],
+)
 def test_unsafe_uris_are_refused(uri: str) -> None:
     with pytest.raises(ModelLoadError):
         parse_s3_uri(uri)
@@ -222,8 +241,9 @@ ModelFetcher(Path(sys.argv[1]), client, part_size=64 * 1024, max_workers=2).fetc
 """
 
 
-def test_a_download_killed_midway_is_never_used(aws_env: None, demo_model_dir: Path, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_download_killed_midway_is_never_used(
+    aws_env: None, demo_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
     try:
@@ -235,8 +255,9 @@ def test_a_download_killed_midway_is_never_used(aws_env: None, demo_model_dir: P
         cache = tmp_path / "cache"
 
         # GIVEN a fetch in another process, killed once it has written part of the weights
-        process = subprocess.Popen([sys.executable, "-c", KILLABLE_FETCH, str(cache), f"s3://{BUCKET}/m/"],
-                                   env={**os.environ})
+        process = subprocess.Popen(
+            [sys.executable, "-c", KILLABLE_FETCH, str(cache), f"s3://{BUCKET}/m/"], env={**os.environ}
+        )
         deadline = time.monotonic() + 60
         while not list(cache.rglob("*.part")) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -248,12 +269,38 @@ def test_a_download_killed_midway_is_never_used(aws_env: None, demo_model_dir: P
         # WHEN the next process fetches again
         result = ModelFetcher(cache, client).fetch(f"s3://{BUCKET}/m/")
 
-        # THEN it downloads afresh, and only complete, verified files exist
-        assert not result.from_cache
+        # THEN it fetches what was missing, and only complete, verified files exist
+        assert not result.from_cache and 0 < result.bytes_downloaded <= result.bytes_total
         assert {k: v for k, v in files_of(result.local_dir).items() if k != MANIFEST_NAME} == files_of(
-            demo_model_dir)
+            demo_model_dir
+        )
         assert not list(cache.rglob("*.part"))
-        assert json.loads((result.local_dir / COMPLETE_MARKER).read_text())["files"] == len(
-            files_of(demo_model_dir)) + 1
+        assert (
+            json.loads((result.local_dir / COMPLETE_MARKER).read_text())["files"]
+            == len(files_of(demo_model_dir)) + 1
+        )
     finally:
         server.stop()
+
+
+def test_an_interrupted_fetch_resumes_with_the_verified_files(
+    s3: Any, demo_model_dir: Path, tmp_path: Path
+) -> None:
+    # GIVEN a fetch that was cut short: no marker, one file missing, a stray part
+    upload_model(s3, BUCKET, "m/", demo_model_dir)
+    cache = tmp_path / "cache"
+    first = ModelFetcher(cache, s3).fetch(f"s3://{BUCKET}/m/")
+    (first.local_dir / COMPLETE_MARKER).unlink()
+    (first.local_dir / "tokenizer.json").unlink()
+    (first.local_dir / "model.safetensors.part").write_bytes(b"half")
+    counter = RequestCounter(s3)
+
+    # WHEN it runs again
+    again = ModelFetcher(cache, s3).fetch(f"s3://{BUCKET}/m/")
+
+    # THEN only the missing file (and the manifest, to verify it) is downloaded, and the marker is back
+    assert counter.calls["GetObject"] == 2
+    assert again.bytes_downloaded == (demo_model_dir / "tokenizer.json").stat().st_size
+    assert (again.local_dir / COMPLETE_MARKER).is_file()
+    assert not list(cache.rglob("*.part"))
+    assert files_of(again.local_dir)["tokenizer.json"] == (demo_model_dir / "tokenizer.json").read_bytes()

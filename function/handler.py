@@ -1,0 +1,145 @@
+"""AWS Lambda entry point: `function.handler.handler`.
+
+Importing this module is the cold start: it imports the app, torch and transformers, builds the
+process-wide engine (fetching `MODEL_PATH` from S3 into /tmp and loading it) and wraps the app
+in Mangum with the lifespan off. Each invocation then goes to the same FastAPI app:
+
+- API Gateway REST (v1), HTTP API (v2), Function URL and ALB events: through Mangum.
+- Direct invocations (`aws lambda invoke`, `sam local invoke -e`): the documented payload
+  `{"path": "/generate", "method": "POST", "body": {...}, "headers": {...}, "query": {...}}`,
+  answered with `{"statusCode": 200, "headers": {...}, "body": {...}}`.
+- Warm-up pings (`{"warmup": true}` or an EventBridge scheduled event): answered at once.
+
+Generation gets a deadline before the invocation's remaining time, and before API Gateway's
+29 s integration timeout, so it ends with `finish_reason: "time"` instead of a 502/504.
+"""
+
+from __future__ import annotations
+
+import time
+
+_IMPORTS_STARTED = time.perf_counter()
+
+import base64  # noqa: E402  (imports are timed as the cold start's first phase)
+import json  # noqa: E402
+import logging  # noqa: E402
+from typing import Any  # noqa: E402
+from urllib.parse import urlencode  # noqa: E402
+
+import torch  # noqa: E402, F401  (imported here so the imports phase includes it)
+import transformers  # noqa: E402, F401
+from mangum import Mangum  # noqa: E402
+
+from function.app import create_app  # noqa: E402
+from function.config import get_settings  # noqa: E402
+from function.engine import deadline_in, get_engine  # noqa: E402
+
+IMPORTS_SECONDS = time.perf_counter() - _IMPORTS_STARTED
+API_GATEWAY_TIMEOUT_S = 29.0
+SAFETY_MARGIN_S = 1.5  # tokenizing, decoding and returning the response after generation stops
+
+settings = get_settings()
+logging.basicConfig(level=settings.log_level.upper())
+logging.getLogger().setLevel(settings.log_level.upper())
+engine = get_engine(settings, imports_seconds=IMPORTS_SECONDS)
+app = create_app(settings, engine)
+asgi_handler = Mangum(app, lifespan="off")
+
+
+def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    """Route one Lambda event to the app; see the module docstring for the accepted shapes."""
+    if is_warmup(event):
+        return {"warmup": True, "model_loaded": engine.current is not None}
+    if "requestContext" in event:
+        with deadline_in(generation_budget(event, context)):
+            response: dict[str, Any] = asgi_handler(event, context)
+            return response
+    if isinstance(event.get("path"), str):
+        with deadline_in(generation_budget(event, context)):
+            return invoke_direct(event, context)
+    return {
+        "statusCode": 400,
+        "headers": {"content-type": "application/json"},
+        "body": {
+            "error": {
+                "code": "unsupported_event",
+                "status": 400,
+                "details": [],
+                "message": "unsupported event: send an API Gateway, Function URL or ALB event, a direct "
+                'payload {"path", "method", "body", "headers", "query"}, or '
+                '{"warmup": true}',
+            }
+        },
+    }
+
+
+def is_warmup(event: dict[str, Any]) -> bool:
+    if event.get("warmup") is True:
+        return True
+    return event.get("source") == "aws.events" and event.get("detail-type") == "Scheduled Event"
+
+
+def generation_budget(event: dict[str, Any], context: Any) -> float | None:
+    """Seconds generation may run: before the function's timeout, and API Gateway's 29 s."""
+    budgets: list[float] = []
+    remaining_ms = getattr(context, "get_remaining_time_in_millis", None)
+    if callable(remaining_ms):
+        budgets.append(remaining_ms() / 1000 - SAFETY_MARGIN_S)
+    request_context = event.get("requestContext") or {}
+    behind_api_gateway = "apiId" in request_context and ".lambda-url." not in str(
+        request_context.get("domainName", "")
+    )
+    if behind_api_gateway:
+        started_ms = request_context.get("requestTimeEpoch") or request_context.get("timeEpoch")
+        waited = time.time() - started_ms / 1000 if isinstance(started_ms, int | float) else 0.0
+        if not 0 <= waited < API_GATEWAY_TIMEOUT_S:
+            waited = 0.0  # a stored test event's old timestamp: API Gateway would have given up already
+        budgets.append(API_GATEWAY_TIMEOUT_S - waited - SAFETY_MARGIN_S)
+    return min(budgets) if budgets else None
+
+
+def invoke_direct(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    """A direct payload through the same app (same validation), as an HTTP API v2 request."""
+    response = asgi_handler(direct_to_http_event(event, context), context)
+    body = response.get("body") or ""
+    if response.get("isBase64Encoded"):
+        body = base64.b64decode(body).decode("utf-8", errors="replace")
+    try:
+        parsed: Any = json.loads(body) if body else None
+    except ValueError:
+        parsed = body
+    return {"statusCode": response["statusCode"], "headers": response.get("headers", {}), "body": parsed}
+
+
+def direct_to_http_event(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    path = "/" + str(event["path"]).lstrip("/")
+    method = str(event.get("method") or event.get("httpMethod") or "GET").upper()
+    headers = {str(k).lower(): str(v) for k, v in (event.get("headers") or {}).items()}
+    body = event.get("body")
+    if body is not None and not isinstance(body, str):
+        body = json.dumps(body)
+        headers.setdefault("content-type", "application/json")
+    query = event.get("query") or event.get("queryStringParameters") or {}
+    request_id = getattr(context, "aws_request_id", "direct-invoke")
+    return {
+        "version": "2.0",
+        "routeKey": "$default",
+        "rawPath": path,
+        "rawQueryString": urlencode(query, doseq=True),
+        "headers": {"host": "lambda.direct", **headers},
+        "requestContext": {
+            "http": {
+                "method": method,
+                "path": path,
+                "protocol": "HTTP/1.1",
+                "sourceIp": "127.0.0.1",
+                "userAgent": headers.get("user-agent", "direct-invoke"),
+            },
+            "requestId": request_id,
+            "routeKey": "$default",
+            "stage": "$default",
+            "timeEpoch": int(time.time() * 1000),
+        },
+        "body": body,
+        "isBase64Encoded": False,
+    }
