@@ -7,11 +7,12 @@ DEMO_MODEL ?= .demo-model
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: help venv serve demo-model test lint typecheck pytest bench-dtype clean
+.PHONY: help venv sam-venv serve demo-model test lint typecheck pytest emulate bench-dtype clean
 
 help:
 	@echo "make serve      run the API on $(HOST):$(PORT) (builds the demo model if MODEL_PATH is unset)"
 	@echo "make test       lint, type check and every test"
+	@echo "make emulate    the function in the Lambda emulator with its weights in a local S3 (no Docker)"
 	@echo "make bench-dtype CPU float32 vs bfloat16 decode speed (prints figures)"
 	@echo "make demo-model write the random-weight demo model to $(DEMO_MODEL)"
 
@@ -22,6 +23,17 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 venv: $(BIN)/.installed
+
+# aws-sam-cli pins its own boto3: it lives in a virtual environment of its own. It provides
+# `sam validate --lint`, `sam local generate-event` and the Lambda Runtime Interface Emulator.
+SAM_VENV ?= .venv-sam
+$(SAM_VENV)/.installed:
+	$(PYTHON) -m venv $(SAM_VENV)
+	$(SAM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(SAM_VENV)/bin/python -m pip install --quiet 'aws-sam-cli>=1.120'
+	touch $@
+
+sam-venv: $(SAM_VENV)/.installed
 
 $(DEMO_MODEL)/config.json: $(BIN)/.installed
 	$(BIN)/python -m function demo-model $(DEMO_MODEL)
@@ -44,8 +56,13 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
-pytest: venv
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+pytest: venv sam-venv
+	SAM_VENV=$(SAM_VENV) $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The Docker-free Lambda loop: SeaweedFS (S3) + the Runtime Interface Emulator around the handler,
+# every events/*.json invoked. KEEP=1 leaves both running for your own invocations.
+emulate: venv sam-venv
+	SAM_VENV=$(SAM_VENV) $(BIN)/python -m tests.integration.emulate $(if $(KEEP),--keep,)
 
 test: lint typecheck pytest
 
@@ -53,4 +70,4 @@ bench-dtype: venv
 	$(BIN)/python benchmarks/cpu_dtype.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_MODEL) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(SAM_VENV) $(DEMO_MODEL) .pytest_cache .mypy_cache .ruff_cache

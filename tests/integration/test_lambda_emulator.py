@@ -1,0 +1,210 @@
+"""The function in the real Lambda Runtime Interface Emulator, with its weights in a real S3 server.
+
+SeaweedFS holds the published demo model; the emulator runs `python -m awslambdaric
+function.handler.handler` (the Dockerfile's CMD) and cold-starts from `s3://`. Every sample in
+events/ and SAM-generated v1 and v2 events for each route are answered, greedy answers equal
+those of a uvicorn server, and S3 failures give 503 with a reason, then recover.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from tests.events import event_names, expected_status, load_event
+from tests.integration.local_aws import SAM_VENV, LambdaEmulator, SeaweedFS, free_port, stop_process
+from tests.integration.test_server_process import wait_healthy
+from tests.s3_helpers import upload_model
+
+pytestmark = pytest.mark.emulator
+BUCKET = "models"
+PREFIX = "demo/final_model/"
+MODEL_URI = f"s3://{BUCKET}/{PREFIX}"
+GREEDY_GENERATE = {"prompt": "Python이란 무엇인가요?", "max_new_tokens": 16, "temperature": 0}
+GREEDY_CHAT = {"instruction": "머신러닝을 설명하세요", "max_new_tokens": 16, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def seaweed(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Iterator[SeaweedFS]:
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs")).start()
+    client = server.client()
+    client.create_bucket(Bucket=BUCKET)
+    upload_model(client, BUCKET, PREFIX, demo_model_dir)
+    yield server
+    server.stop()
+
+
+def function_environment(seaweed: SeaweedFS, cache: Path, model_uri: str = MODEL_URI) -> dict[str, str]:
+    return {**seaweed.environment(), "MODEL_PATH": model_uri, "MODEL_CACHE_DIR": str(cache),
+            "CPU_DTYPE": "float32", "HF_HOME": str(cache / "hf"), "LOAD_RETRY_INTERVAL_S": "0"}
+
+
+@pytest.fixture(scope="module")
+def emulator(seaweed: SeaweedFS, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LambdaEmulator]:
+    root = tmp_path_factory.mktemp("lambda")
+    function = LambdaEmulator(function_environment(seaweed, root / "tmp"), root / "rie.log").start()
+    yield function
+    function.stop()
+
+
+@pytest.fixture(scope="module")
+def uvicorn_url(seaweed: SeaweedFS, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The same image's server mode: uvicorn with MODEL_PATH on the same S3 model."""
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("AWS_", "MODEL_"))}
+    env.update(function_environment(seaweed, tmp_path_factory.mktemp("server-cache")))
+    process = subprocess.Popen([sys.executable, "-m", "uvicorn", "function.app:app", "--host", "127.0.0.1",
+                                "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, process)
+        yield url
+    finally:
+        stop_process(process)
+
+
+def http_body(response: dict[str, Any]) -> Any:
+    body = response.get("body") or ""
+    if response.get("isBase64Encoded"):
+        body = base64.b64decode(body).decode()
+    return json.loads(body) if body.startswith(("{", "[")) else body
+
+
+def header(response: dict[str, Any], name: str) -> str | None:
+    headers = {k.lower(): v for k, v in (response.get("headers") or {}).items()}
+    multi = {k.lower(): v[-1] for k, v in (response.get("multiValueHeaders") or {}).items()}
+    return headers.get(name) or multi.get(name)
+
+
+def test_the_first_invocation_is_a_cold_start_from_s3(emulator: LambdaEmulator) -> None:
+    response = emulator.invoke({"path": "/model_info", "method": "GET"})
+
+    assert response["statusCode"] == 200
+    assert response["headers"]["x-cold-start"] == "true"
+    cold = response["body"]["cold_start"]
+    assert cold["fetch_bytes"] > 0 and cold["fetch_from_cache"] is False and cold["imports_s"] > 0
+    assert response["body"]["model_name"] == "final_model" and response["body"]["model_path"] == MODEL_URI
+    assert emulator.init_duration_ms() is not None  # the emulator's REPORT line
+
+
+@pytest.mark.parametrize("name", event_names())
+def test_every_sample_event(emulator: LambdaEmulator, name: str) -> None:
+    response = emulator.invoke(load_event(name))
+
+    status = expected_status(name)
+    if status is None:
+        assert response == {"warmup": True, "model_loaded": True}
+        return
+    assert response["statusCode"] == status
+    body = response["body"] if name.startswith("direct") else http_body(response)
+    if status == 200 and "generate" in name:
+        assert body["generated_text"][0].startswith(GREEDY_GENERATE["prompt"])
+    if status == 422:
+        assert body["error"]["code"] == "invalid_request"
+
+
+ROUTES: list[tuple[str, str, dict[str, Any] | None, str]] = [
+    ("GET", "/health", None, "status"),
+    ("GET", "/model_info", None, "model_name"),
+    ("POST", "/generate", GREEDY_GENERATE, "generated_text"),
+    ("POST", "/chat", GREEDY_CHAT, "response"),
+    ("GET", "/openapi.json", None, "paths"),
+    ("GET", "/docs", None, "swagger"),
+    ("GET", "/redoc", None, "redoc"),
+]
+
+
+def sam_event(kind: str, method: str, path: str, body: dict[str, Any] | None) -> dict[str, Any]:
+    """`sam local generate-event apigateway aws-proxy|http-api-proxy` for one route."""
+    command = [str(SAM_VENV / "bin" / "sam"), "local", "generate-event", "apigateway", kind, "--method", method,
+               "--path", path.lstrip("/")]
+    if body is not None:
+        command += ["--body", json.dumps(body, ensure_ascii=False)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "SAM_CLI_TELEMETRY": "0"})
+    assert result.returncode == 0, result.stderr
+    event: dict[str, Any] = json.loads(result.stdout)
+    if kind == "aws-proxy":
+        event["headers"]["Content-Type"] = "application/json"
+        event["multiValueHeaders"]["Content-Type"] = ["application/json"]
+        event["path"] = path
+    else:
+        event["headers"]["content-type"] = "application/json"
+        event["rawPath"] = path
+        event["requestContext"]["http"]["path"] = path
+    return event
+
+
+@pytest.fixture(scope="module")
+def sam_events() -> dict[tuple[str, str], dict[str, Any]]:
+    jobs = [(kind, method, path, body) for kind in ("aws-proxy", "http-api-proxy") for method, path, body, _ in ROUTES]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        events = list(pool.map(lambda job: sam_event(*job), jobs))
+    return {(job[0], job[2]): event for job, event in zip(jobs, events, strict=True)}
+
+
+@pytest.mark.parametrize("kind", ["aws-proxy", "http-api-proxy"])
+@pytest.mark.parametrize(("method", "path", "body", "marker"), ROUTES)
+def test_sam_generated_events_for_each_route(emulator: LambdaEmulator, sam_events: dict[tuple[str, str], Any],
+                                             kind: str, method: str, path: str, body: Any, marker: str) -> None:
+    response = emulator.invoke(sam_events[(kind, path)])
+
+    assert response["statusCode"] == 200, response
+    answer = http_body(response)
+    assert marker in (answer if isinstance(answer, dict) else answer.lower())
+
+
+def test_greedy_answers_equal_uvicorns(emulator: LambdaEmulator, uvicorn_url: str) -> None:
+    for route, body in (("/generate", GREEDY_GENERATE), ("/chat", GREEDY_CHAT)):
+        from_lambda = emulator.invoke({"path": route, "method": "POST", "body": body})["body"]
+        from_server = requests.post(f"{uvicorn_url}{route}", json=body, timeout=120).json()
+        key = "generated_text" if route == "/generate" else "response"
+        assert from_lambda[key] == from_server[key]
+
+
+def test_a_restart_that_keeps_tmp_does_not_download_again(seaweed: SeaweedFS, tmp_path: Path) -> None:
+    environment = function_environment(seaweed, tmp_path / "tmp")
+    first = LambdaEmulator(environment, tmp_path / "first.log").start()
+    try:
+        cold = first.invoke({"path": "/model_info", "method": "GET"})["body"]["cold_start"]
+    finally:
+        first.stop()
+    second = LambdaEmulator(environment, tmp_path / "second.log").start()
+    try:
+        warm_tmp = second.invoke({"path": "/model_info", "method": "GET"})["body"]["cold_start"]
+    finally:
+        second.stop()
+
+    assert cold["fetch_from_cache"] is False and cold["fetch_bytes"] > 0
+    assert warm_tmp["fetch_from_cache"] is True and warm_tmp["fetch_bytes"] == 0
+
+
+def test_missing_weights_answer_503_with_a_reason_then_recover(seaweed: SeaweedFS, demo_model_dir: Path,
+                                                                tmp_path: Path) -> None:
+    prefix = "later/final_model/"
+    function = LambdaEmulator(function_environment(seaweed, tmp_path / "tmp", f"s3://{BUCKET}/{prefix}"),
+                              tmp_path / "rie.log").start()
+    try:
+        health = function.invoke({"path": "/health", "method": "GET"})
+        generate = function.invoke({"path": "/generate", "method": "POST", "body": GREEDY_GENERATE})
+        assert health["statusCode"] == 503 and "no model files" in health["body"]["reason"]
+        assert generate["statusCode"] == 503 and generate["headers"]["retry-after"]
+        assert f"s3://{BUCKET}" not in json.dumps(generate["body"])
+
+        upload_model(seaweed.client(), BUCKET, prefix, demo_model_dir)  # the weights arrive
+
+        assert function.invoke({"path": "/health", "method": "GET"})["statusCode"] == 200
+        assert function.invoke({"path": "/generate", "method": "POST", "body": GREEDY_GENERATE})["statusCode"] == 200
+    finally:
+        function.stop()
