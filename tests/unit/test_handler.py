@@ -161,3 +161,14 @@ def test_unsupported_events_get_a_clear_400(handler_module: ModuleType) -> None:
 
     assert response["statusCode"] == 400
     assert "direct payload" in response["body"]["error"]["message"]
+
+
+def test_docs_behind_a_rest_api_stage_find_their_schema(handler_module: ModuleType) -> None:
+    event = load_event("rest-v1-chat.json")
+    event.update(httpMethod="GET", path="/docs", resource="/docs", body=None, isBase64Encoded=False)
+    event["requestContext"].update(path="/prod/docs", resourcePath="/docs", httpMethod="GET")
+
+    response = handler_module.handler(event, LambdaContext())
+
+    assert response["statusCode"] == 200
+    assert "/prod/openapi.json" in response["body"]

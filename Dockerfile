@@ -1,0 +1,35 @@
+# llm-function: one image, two modes.
+#   AWS Lambda (the default CMD): function.handler.handler, weights fetched from MODEL_PATH=s3://… into /tmp.
+#   HTTP server on a GPU host (build with --build-arg TORCH_VARIANT=cu128):
+#     docker run --gpus all -p 8000:8000 -e MODEL_PATH=s3://bucket/prefix/ --entrypoint python IMAGE \
+#       -m function serve --host 0.0.0.0 --port 8000
+FROM public.ecr.aws/lambda/python:3.12
+
+# cpu (default, for Lambda) or a CUDA wheel index of PyTorch, e.g. cu128, for GPU hosts.
+ARG TORCH_VARIANT=cpu
+ARG TORCH_VERSION=2.13.0
+
+# Only /tmp is writable on Lambda: every cache goes there. No model hub at run time.
+ENV HF_HOME=/tmp/huggingface \
+    TORCH_HOME=/tmp/torch \
+    XDG_CACHE_HOME=/tmp/.cache \
+    TRITON_CACHE_DIR=/tmp/triton \
+    MPLCONFIGDIR=/tmp/matplotlib \
+    MODEL_CACHE_DIR=/tmp/llm-function/models \
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 \
+    HF_HUB_DISABLE_TELEMETRY=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR ${LAMBDA_TASK_ROOT}
+
+# torch first, from PyTorch's index for the chosen variant; the rest resolves against it.
+RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}"
+
+COPY pyproject.toml README.md ./
+COPY function/ ./function/
+RUN pip install --no-cache-dir . && rm -rf build ./*.egg-info
+
+EXPOSE 8000
+CMD ["function.handler.handler"]

@@ -1,0 +1,159 @@
+"""Infrastructure as code, checked offline: Dockerfile, SAM template, samconfig, IAM scope."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from function.app import create_app
+from function.engine import ModelManager
+from tests.conftest import make_settings
+from tests.infra.cfn import load_template
+from tests.integration.local_aws import SAM_VENV, LambdaEmulator
+
+REPO = Path(__file__).resolve().parents[2]
+TEMPLATE = load_template(REPO / "template.yaml")
+FUNCTION = TEMPLATE["Resources"]["LlmFunction"]["Properties"]
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    hadolint = Path(sys.executable).parent / "hadolint"
+    result = subprocess.run(
+        [str(hadolint), str(REPO / "Dockerfile")], capture_output=True, text=True, timeout=60
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_is_a_lambda_image_with_the_emulators_handler() -> None:
+    dockerfile = (REPO / "Dockerfile").read_text(encoding="utf-8")
+
+    assert re.search(r"^FROM public\.ecr\.aws/lambda/python:3\.12\s*$", dockerfile, re.MULTILINE)
+    assert dockerfile.rstrip().splitlines()[-1] == f'CMD ["{LambdaEmulator.HANDLER}"]'
+    assert "ARG TORCH_VARIANT=cpu" in dockerfile and "ARG TORCH_VERSION=2.13.0" in dockerfile
+    for setting in ("HF_HOME=/tmp/", "TORCH_HOME=/tmp/", "HF_HUB_OFFLINE=1", "MODEL_CACHE_DIR=/tmp/"):
+        assert setting in dockerfile
+
+
+def test_sam_validate_lint() -> None:
+    sam = SAM_VENV / "bin" / "sam"
+    result = subprocess.run(
+        [str(sam), "validate", "--lint", "--template-file", str(REPO / "template.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={**os.environ, "SAM_CLI_TELEMETRY": "0"},
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def app_routes() -> set[tuple[str, str]]:
+    app = create_app(make_settings(), ModelManager(make_settings()))
+    routes = set()
+    for route in app.routes:
+        path = getattr(route, "path", "")
+        if path in ("/docs/oauth2-redirect",):
+            continue  # Swagger UI's OAuth helper: not an API route
+        for method in getattr(route, "methods", None) or ():
+            if method != "HEAD":
+                routes.add((method, path))
+    return routes
+
+
+def test_template_routes_match_the_apps_routes() -> None:
+    events = FUNCTION["Events"].values()
+    template_routes = {
+        (event["Properties"]["Method"].upper(), event["Properties"]["Path"])
+        for event in events
+        if event["Type"] == "Api"
+    }
+
+    assert template_routes == app_routes()
+
+
+def statements() -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    for policy in FUNCTION["Policies"]:
+        if isinstance(policy, dict) and "Statement" in policy:
+            found.extend(policy["Statement"])
+    return found
+
+
+def test_iam_grants_only_the_model_prefix() -> None:
+    grants = statements()
+    actions = [
+        action for s in grants for action in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])
+    ]
+
+    assert sorted(actions) == ["s3:GetObject", "s3:ListBucket"]
+    assert not any("*" in action for action in actions)
+    for statement in grants:
+        assert statement["Resource"] != "*"
+    get = next(s for s in grants if s["Action"] == "s3:GetObject")
+    assert get["Resource"] == {"Fn::Sub": "arn:${AWS::Partition}:s3:::${ModelBucket}/${ModelPrefix}*"}
+    listing = next(s for s in grants if s["Action"] == "s3:ListBucket")
+    assert listing["Resource"] == {"Fn::Sub": "arn:${AWS::Partition}:s3:::${ModelBucket}"}
+    assert listing["Condition"] == {"StringLike": {"s3:prefix": {"Fn::Sub": "${ModelPrefix}*"}}}
+    # Only SAM policy documents: no managed policy templates that could be wider.
+    assert all(isinstance(policy, dict) and "Statement" in policy for policy in FUNCTION["Policies"])
+
+
+def test_model_path_is_built_from_the_same_bucket_and_prefix() -> None:
+    assert FUNCTION["Environment"]["Variables"]["MODEL_PATH"] == {
+        "Fn::Sub": "s3://${ModelBucket}/${ModelPrefix}"
+    }
+
+
+@pytest.mark.parametrize("prefix", ["models/final_model/", "a/b.c/", "v1/"])
+def test_model_prefix_pattern_accepts(prefix: str) -> None:
+    assert re.fullmatch(TEMPLATE["Parameters"]["ModelPrefix"]["AllowedPattern"], prefix)
+
+
+@pytest.mark.parametrize("prefix", ["models/../other/", "../x/", "./x/", "models", "", "/abs/", "a//b/"])
+def test_model_prefix_pattern_refuses(prefix: str) -> None:
+    assert not re.fullmatch(TEMPLATE["Parameters"]["ModelPrefix"]["AllowedPattern"], prefix)
+
+
+def overrides(environment: dict[str, Any]) -> dict[str, str]:
+    text = environment["deploy"]["parameters"]["parameter_overrides"]
+    return dict(re.findall(r'(\w+)="([^"]*)"', text))
+
+
+def test_samconfig_and_template_agree() -> None:
+    config = tomllib.loads((REPO / "samconfig.toml").read_text(encoding="utf-8"))
+    parameters = TEMPLATE["Parameters"]
+
+    assert {"default", "prod"} <= config.keys()
+    for name, environment in (("default", config["default"]), ("prod", config["prod"])):
+        values = overrides(environment)
+        assert values.keys() <= parameters.keys(), name
+        required = {key for key, spec in parameters.items() if "Default" not in spec}
+        assert required <= values.keys(), name
+        for key, value in values.items():
+            allowed = parameters[key].get("AllowedValues")
+            assert allowed is None or value in allowed, (name, key)
+            pattern = parameters[key].get("AllowedPattern")
+            assert pattern is None or re.fullmatch(pattern, value), (name, key)
+        stage = values["Stage"]
+        assert environment["deploy"]["parameters"]["stack_name"] == f"llm-function-{stage}"
+        assert environment["global"]["parameters"]["stack_name"] == f"llm-function-{stage}"
+        assert environment["deploy"]["parameters"]["capabilities"] == "CAPABILITY_IAM"
+    assert overrides(config["default"])["Stage"] == "dev" and overrides(config["prod"])["Stage"] == "prod"
+
+
+def test_outputs_give_the_url_and_the_function_arn() -> None:
+    outputs = TEMPLATE["Outputs"]
+
+    assert "execute-api" in outputs["ApiUrl"]["Value"]["Fn::Sub"]
+    assert outputs["FunctionArn"]["Value"] == {"Fn::GetAtt": "LlmFunction.Arn"}
+    assert TEMPLATE["Resources"]["LlmFunction"]["Properties"]["PackageType"] == "Image"
+    assert TEMPLATE["Resources"]["LlmFunction"]["Metadata"]["Dockerfile"] == "Dockerfile"
