@@ -29,6 +29,7 @@ from urllib.parse import urlencode  # noqa: E402
 import torch  # noqa: E402, F401  (imported here so the imports phase includes it)
 import transformers  # noqa: E402, F401
 from mangum import Mangum  # noqa: E402
+from starlette.types import ASGIApp, Receive, Scope, Send  # noqa: E402
 
 from function.app import create_app  # noqa: E402
 from function.config import get_settings  # noqa: E402
@@ -48,10 +49,10 @@ app = create_app(settings, engine)
 class StageRootPath:
     """Behind a REST API stage (`/dev/docs`), tell the app its root path so /docs finds its schema."""
 
-    def __init__(self, asgi_app: Any) -> None:
+    def __init__(self, asgi_app: ASGIApp) -> None:
         self.app = asgi_app
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_context = (scope.get("aws.event") or {}).get("requestContext") or {}
         stage = request_context.get("stage")
         if stage and stage != "$default" and str(request_context.get("path", "")).startswith(f"/{stage}/"):
