@@ -141,7 +141,7 @@ class ModelManager:
     _last_startup_attempt: float | None = field(default=None, init=False)
     # Cold-start phases of this process: imports (measured by the entry point), fetch and load of
     # the start-up model, and the first token of the first generation.
-    imports_seconds: float | None = None
+    startup_phases: dict[str, Any] = field(default_factory=dict)
     _cold_start: dict[str, Any] | None = field(default=None, init=False)
     _first_token_pending: bool = field(default=True, init=False)
 
@@ -272,9 +272,12 @@ class ModelManager:
 
     def _record_cold_start(self, loaded: LoadedModel) -> None:
         fetch = loaded.fetch
+        began = self.startup_phases.get("began")
         self._cold_start = {
-            "imports_s": None if self.imports_seconds is None else round(self.imports_seconds, 4),
-            "fetch_s": round(loaded.resolve_seconds, 4),
+            "imports_s": self.startup_phases.get("imports_s"),
+            "rss_after_imports_mb": self.startup_phases.get("rss_after_imports_mb"),
+            "ready_s": None if began is None else round(time.perf_counter() - began, 4),
+            "fetch_s": round(fetch.seconds if fetch else loaded.resolve_seconds, 4),
             "fetch_bytes": fetch.bytes_downloaded if fetch else 0,
             "fetch_mb_per_s": round(fetch.megabytes_per_second, 1) if fetch else None,
             "fetch_from_cache": fetch.from_cache if fetch else None,
@@ -302,15 +305,16 @@ _engine: ModelManager | None = None
 _engine_lock = threading.Lock()
 
 
-def get_engine(settings: Settings, imports_seconds: float | None = None) -> ModelManager:
+def get_engine(settings: Settings, startup_phases: dict[str, Any] | None = None) -> ModelManager:
     """The process-wide engine, built once; its start-up model loads on first build.
 
     Called from the app factory and the Lambda handler module, never from an ASGI lifespan
-    hook (Mangum would run that on every invocation).
+    hook (Mangum would run that on every invocation). `startup_phases` carries what the entry
+    point measured: `began` (perf_counter at its start), `imports_s`, `rss_after_imports_mb`.
     """
     global _engine
     with _engine_lock:
         if _engine is None:
-            _engine = ModelManager(settings, imports_seconds=imports_seconds)
+            _engine = ModelManager(settings, startup_phases=startup_phases or {})
             _engine.load_startup_model()
         return _engine

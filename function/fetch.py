@@ -19,11 +19,14 @@ import logging
 import os
 import re
 import shutil
+import subprocess
+import sys
+import threading
 import time
 import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -373,6 +376,39 @@ class ModelFetcher:
             return
 
 
+_prefetches: dict[tuple[str, Path], subprocess.Popen[str]] = {}
+_prefetch_lock = threading.Lock()
+
+
+def prefetch(uri: str, cache_root: Path) -> None:
+    """Start fetching `uri` in a child process (own interpreter, own core), to overlap the imports.
+
+    The Lambda entry calls this before importing torch; `fetch_model` later takes the result.
+    """
+    with _prefetch_lock:
+        if (uri, cache_root) not in _prefetches:
+            _prefetches[(uri, cache_root)] = subprocess.Popen(
+                [sys.executable, "-m", "function.fetch", uri, str(cache_root)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+
+
+def fetch_model(uri: str, cache_root: Path) -> FetchResult:
+    """The prefetch's result when one was started (once: a retry fetches anew), else a fetch now.
+
+    A failed prefetch is not trusted for its reason: the fetch runs again here, and raises it.
+    """
+    with _prefetch_lock:
+        child = _prefetches.pop((uri, cache_root), None)
+    if child is not None:
+        output, _ = child.communicate()
+        if child.returncode == 0:
+            fields = json.loads(output.strip().splitlines()[-1])
+            return FetchResult(**{**fields, "local_dir": Path(fields["local_dir"])})
+    return ModelFetcher(cache_root).fetch(uri)
+
+
 def build_manifest(model_dir: Path) -> dict[str, Any]:
     """The manifest `publish-model` writes beside a model: every file's size and SHA-256."""
     files = sorted(p for p in model_dir.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
@@ -426,3 +462,21 @@ def _crc32_b64(path: Path) -> str:
         for chunk in iter(lambda: handle.read(4 * 1024 * 1024), b""):
             crc = zlib.crc32(chunk, crc)
     return base64.b64encode(crc.to_bytes(4, "big")).decode()
+
+
+def main(argv: list[str]) -> int:
+    """`python -m function.fetch s3://bucket/prefix CACHE_DIR`: fetch, print the result as JSON."""
+    if len(argv) != 2:
+        print("usage: python -m function.fetch s3://bucket/prefix CACHE_DIR", file=sys.stderr)
+        return 2
+    try:
+        result = ModelFetcher(Path(argv[1])).fetch(argv[0])
+    except ModelLoadError as exc:
+        print(exc.message, file=sys.stderr)
+        return 1
+    print(json.dumps({**asdict(result), "local_dir": str(result.local_dir)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -5,6 +5,7 @@ Always offline and safe: `local_files_only=True`, `trust_remote_code=False`, saf
 
 from __future__ import annotations
 
+import importlib
 import logging
 import re
 import time
@@ -23,6 +24,18 @@ from function.weights import ResolvedWeights, resolve_weights
 logger = logging.getLogger(__name__)
 
 Quantization = Literal["none", "8bit", "4bit"]
+# What loading a model imports. transformers imports most of these lazily on first use (about 2 s
+# on the first from_pretrained); the Lambda entry imports them up front, while the weights download.
+RUNTIME_MODULES = (
+    "torch",
+    "safetensors.torch",
+    "transformers",
+    "transformers.modeling_utils",
+    "transformers.models.auto.configuration_auto",
+    "transformers.models.auto.modeling_auto",
+    "transformers.models.auto.tokenization_auto",
+    "transformers.generation.utils",
+)
 FALLBACK_CONTEXT_LENGTH = 2048
 
 
@@ -47,6 +60,12 @@ class LoadedModel:
 
     def memory_bytes(self) -> int:
         return int(self.model.get_memory_footprint())
+
+
+def import_runtime() -> None:
+    """Import everything a model load needs, now rather than lazily inside the first load."""
+    for name in RUNTIME_MODULES:
+        importlib.import_module(name)
 
 
 def quantization_from_flags(load_in_8bit: bool, load_in_4bit: bool) -> Quantization:

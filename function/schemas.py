@@ -124,6 +124,10 @@ class ColdStart(BaseModel):
     """Start-up phases of this process (an execution environment on Lambda)."""
 
     imports_s: float | None = Field(description="Importing the app, torch and transformers (Lambda entry).")
+    rss_after_imports_mb: float | None = Field(description="Resident memory once imports were done.")
+    ready_s: float | None = Field(
+        description="From the entry point's start to the model ready (phases overlap)."
+    )
     fetch_s: float = Field(
         description="Resolving MODEL_PATH: the S3 download, or checking a local directory."
     )

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from function.errors import ModelLoadError
-from function.fetch import PICKLE_SUFFIXES, FetchResult, ModelFetcher
+from function.fetch import PICKLE_SUFFIXES, FetchResult, fetch_model
 
 CONVERT_HINT = (
     'Convert it once, on a machine you trust, with: python -c "from transformers import '
@@ -44,7 +44,7 @@ def resolve_weights(model_path: str, cache_dir: Path) -> ResolvedWeights:
     """Turn `model_path` into a checked local directory (fetching `s3://` into `cache_dir`)."""
     started = time.perf_counter()
     if model_path.startswith("s3://"):
-        fetched = ModelFetcher(cache_dir).fetch(model_path)
+        fetched = fetch_model(model_path, cache_dir)
         check_model_files(fetched.local_dir)
         return ResolvedWeights(
             fetched.local_dir,
