@@ -7,12 +7,13 @@ DEMO_MODEL ?= .demo-model
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: help venv sam-venv serve demo-model test lint typecheck pytest emulate bench-dtype clean
+.PHONY: help venv sam-venv serve demo-model test lint typecheck pytest emulate bench-dtype bench-coldstart clean
 
 help:
 	@echo "make serve      run the API on $(HOST):$(PORT) (builds the demo model if MODEL_PATH is unset)"
 	@echo "make test       lint, type check and every test"
 	@echo "make emulate    the function in the Lambda emulator with its weights in a local S3 (no Docker)"
+	@echo "make bench-coldstart cold start from S3 vs the floor and the common path (prints figures)"
 	@echo "make bench-dtype CPU float32 vs bfloat16 decode speed (prints figures)"
 	@echo "make demo-model write the random-weight demo model to $(DEMO_MODEL)"
 
@@ -68,6 +69,9 @@ test: lint typecheck pytest
 
 bench-dtype: venv
 	$(BIN)/python benchmarks/cpu_dtype.py
+
+bench-coldstart: venv sam-venv
+	SAM_VENV=$(SAM_VENV) $(BIN)/python -m benchmarks.coldstart
 
 clean:
 	rm -rf $(VENV) $(SAM_VENV) $(DEMO_MODEL) .pytest_cache .mypy_cache .ruff_cache

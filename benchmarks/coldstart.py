@@ -81,6 +81,14 @@ def raw_get_mb_per_s(seaweed: SeaweedFS, part_size: int = 8 * 1024 * 1024, worke
     return total / 1e6 / (time.perf_counter() - started)
 
 
+def fetch_to_tmp_mb_per_s(seaweed: SeaweedFS, root: Path, trial: int) -> float:
+    """The fetcher alone (verify included) into a fresh /tmp: set against raw GETs, the cost of landing on disk."""
+    from function.fetch import ModelFetcher
+
+    result = ModelFetcher(root / f"alone-{trial}", seaweed.client()).fetch(f"s3://{BUCKET}/{PREFIX}")
+    return result.megabytes_per_second
+
+
 def ours(seaweed: SeaweedFS, root: Path, trial: int) -> dict[str, Any]:
     environment = {
         **seaweed.environment(),
@@ -130,6 +138,7 @@ def main() -> int:
         client.create_bucket(Bucket=BUCKET)
         upload_model(client, BUCKET, PREFIX, model_dir)
         raw = max(raw_get_mb_per_s(seaweed) for _ in range(3))
+        to_tmp = max(fetch_to_tmp_mb_per_s(seaweed, root, trial) for trial in range(3))
         imports = min(
             float(
                 subprocess.run(
@@ -146,12 +155,17 @@ def main() -> int:
         commons = [common_path(root, seaweed, trial) for trial in range(args.trials)]
     finally:
         seaweed.stop()
-    report(model_bytes, raw, imports, runs, commons)
+    report(model_bytes, raw, to_tmp, imports, runs, commons)
     return 0
 
 
 def report(
-    model_bytes: int, raw: float, imports: float, runs: list[dict[str, Any]], commons: list[dict[str, Any]]
+    model_bytes: int,
+    raw: float,
+    to_tmp: float,
+    imports: float,
+    runs: list[dict[str, Any]],
+    commons: list[dict[str, Any]],
 ) -> None:
     def median(rows: list[dict[str, Any]], key: str) -> float:
         return float(statistics.median(float(row[key]) for row in rows))
@@ -164,6 +178,9 @@ def report(
     rss_limit = rss_after_imports + 1.1 * model_bytes / 2**20
     print(
         f"model: {model_bytes / 1e6:.0f} MB; best raw GET throughput: {raw:.0f} MB/s; imports alone: {imports:.2f} s"
+    )
+    print(
+        f"fetch alone into /tmp, SHA-256 checked: {to_tmp:.0f} MB/s = {to_tmp / raw:.2f} x raw GETs into memory"
     )
     print(f"medians of {len(runs)} trials, each on a fresh /tmp")
     print(
