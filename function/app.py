@@ -6,34 +6,25 @@ imported, so tests and tools can import `create_app` without loading a model.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Query, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import Depends, FastAPI, Query, Request, Security
 from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from function import __version__
+from function.auth import presented_key, require_admin, require_user, warn_if_open
 from function.config import Settings, get_settings
 from function.engine import ModelManager, get_engine
-from function.errors import (
-    ContextLengthExceededError,
-    InvalidRequestError,
-    LLMFunctionError,
-    ModelLoadError,
-    ModelLoadInProgressError,
-    ModelNotLoadedError,
-)
+from function.http_errors import ERROR_RESPONSES, install_error_handlers
 from function.loading import quantization_from_flags
+from function.middleware import BodySizeLimit, mark_cold_response
+from function.ratelimit import RateLimiter
 from function.schemas import (
     ChatRequest,
     ChatResponse,
     ColdStart,
-    ErrorDetail,
-    ErrorInfo,
-    ErrorResponse,
     GenerateRequest,
     GenerateResponse,
     HealthResponse,
@@ -45,16 +36,12 @@ from function.schemas import (
 
 logger = logging.getLogger(__name__)
 
-STATUS_BY_ERROR: dict[type[LLMFunctionError], int] = {
-    InvalidRequestError: 422,
-    ContextLengthExceededError: 413,
-    ModelNotLoadedError: 503,
-    ModelLoadInProgressError: 409,
-    ModelLoadError: 400,
-}
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 403, 409, 413, 422, 429, 500, 503)
-}
+api_key_scheme = APIKeyHeader(
+    name="X-API-Key", auto_error=False, description="API key (the original guide's header)"
+)
+bearer_scheme = HTTPBearer(auto_error=False, description="The same API key as a bearer token")
+ApiKeyHeader = Annotated[str | None, Security(api_key_scheme)]
+BearerToken = Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)]
 
 
 def get_manager(request: Request) -> ModelManager:
@@ -65,6 +52,25 @@ def get_manager(request: Request) -> ModelManager:
 EngineDep = Annotated[ModelManager, Depends(get_manager)]
 
 
+def _admit(request: Request, x_api_key: str | None, *, admin: bool) -> None:
+    settings: Settings = request.app.state.settings
+    key = presented_key(x_api_key, request.headers.get("authorization"))
+    (require_admin if admin else require_user)(settings, key)
+    limiter: RateLimiter | None = request.app.state.rate_limiter
+    if limiter is not None:
+        limiter.hit(key, request.client.host if request.client else None)
+
+
+def user_access(request: Request, x_api_key: ApiKeyHeader = None, _bearer: BearerToken = None) -> None:
+    """Inference routes: a user or admin key (when keys are configured), then the rate limit."""
+    _admit(request, x_api_key, admin=False)
+
+
+def admin_access(request: Request, x_api_key: ApiKeyHeader = None, _bearer: BearerToken = None) -> None:
+    """/load_model: an admin key (when keys are configured), then the rate limit."""
+    _admit(request, x_api_key, admin=True)
+
+
 def gigabytes(num_bytes: float) -> str:
     """The original guide's memory format: "3.45 GB"."""
     return f"{num_bytes / 1024**3:.2f} GB"
@@ -72,70 +78,6 @@ def gigabytes(num_bytes: float) -> str:
 
 def human_size(num_bytes: float) -> str:
     return gigabytes(num_bytes) if num_bytes >= 1024**3 else f"{num_bytes / 1024**2:.2f} MB"
-
-
-def error_response(
-    status: int,
-    code: str,
-    message: str,
-    details: list[ErrorDetail] | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    body = ErrorResponse(error=ErrorInfo(code=code, message=message, status=status, details=details or []))
-    return JSONResponse(status_code=status, content=body.model_dump(), headers=headers)
-
-
-def _field_name(location: tuple[Any, ...] | list[Any]) -> str:
-    parts = [str(part) for part in location if part not in ("body", "query", "path", "header")]
-    return ".".join(parts) or "body"
-
-
-def _validation_detail(error: dict[str, Any]) -> ErrorDetail:
-    context = error.get("ctx") or {}
-    limit = next(
-        (context[key] for key in ("le", "ge", "lt", "gt", "max_length", "min_length") if key in context), None
-    )
-    message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
-    return ErrorDetail(
-        field=_field_name(error.get("loc", ())),
-        message=message,
-        limit=limit if isinstance(limit, int | float | str) else None,
-    )
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    """Every error, ours or the framework's, leaves as `ErrorResponse`; 500 is kept for bugs."""
-
-    @app.exception_handler(LLMFunctionError)
-    async def on_domain_error(_: Request, exc: LLMFunctionError) -> JSONResponse:
-        status = next((code for kind, code in STATUS_BY_ERROR.items() if isinstance(exc, kind)), 500)
-        detail = ErrorDetail(field=exc.field, message=exc.message, limit=exc.limit)
-        headers = {"Retry-After": "5"} if status == 503 else None
-        return error_response(status, exc.code, exc.message, [detail], headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = list(exc.errors())
-        if any(error.get("type") == "json_invalid" for error in errors):
-            return error_response(
-                400,
-                "invalid_json",
-                "the request body is not valid JSON",
-                [ErrorDetail(field="body", message="malformed JSON")],
-            )
-        details = [_validation_detail(error) for error in errors]
-        summary = "; ".join(f"{d.field}: {d.message}" for d in details)
-        return error_response(422, "invalid_request", summary, details)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def on_bug(_: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error")
-        return error_response(500, "internal_error", "internal error; the server log has the details")
 
 
 def create_app(settings: Settings | None = None, engine: ModelManager | None = None) -> FastAPI:
@@ -150,21 +92,15 @@ def create_app(settings: Settings | None = None, engine: ModelManager | None = N
     )
     app.state.engine = engine
     app.state.settings = settings
+    app.state.rate_limiter = (
+        RateLimiter(settings.rate_limit) if settings.rate_limit and not settings.on_lambda else None
+    )
+    warn_if_open(settings)
     install_error_handlers(app)
-    _mark_cold_response(app)
+    mark_cold_response(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     _add_routes(app)
     return app
-
-
-def _mark_cold_response(app: FastAPI) -> None:
-    """`X-Cold-Start: true` on the first response of this process (environment), `false` after."""
-    responses = itertools.count()
-
-    @app.middleware("http")
-    async def cold_start_header(request: Request, call_next: Any) -> Any:
-        response = await call_next(request)
-        response.headers["X-Cold-Start"] = "true" if next(responses) == 0 else "false"
-        return response
 
 
 def _add_routes(app: FastAPI) -> None:
@@ -183,7 +119,7 @@ def _add_routes(app: FastAPI) -> None:
             return body
         return JSONResponse(status_code=503, content=body.model_dump(), headers={"Retry-After": "5"})
 
-    @app.post("/generate", response_model=GenerateResponse)
+    @app.post("/generate", response_model=GenerateResponse, dependencies=[Depends(user_access)])
     def generate(request: GenerateRequest, engine: EngineDep) -> GenerateResponse:
         params = request.sampling_params(engine.settings.max_new_tokens)
         result = engine.generate(request.prompt, params)
@@ -196,7 +132,7 @@ def _add_routes(app: FastAPI) -> None:
             usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens),
         )
 
-    @app.post("/chat", response_model=ChatResponse)
+    @app.post("/chat", response_model=ChatResponse, dependencies=[Depends(user_access)])
     def chat(request: ChatRequest, engine: EngineDep) -> ChatResponse:
         params = request.sampling_params(engine.settings.max_new_tokens)
         result = engine.chat(request.instruction, request.input, params)
@@ -209,7 +145,7 @@ def _add_routes(app: FastAPI) -> None:
             usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens),
         )
 
-    @app.get("/model_info", response_model=ModelInfoResponse)
+    @app.get("/model_info", response_model=ModelInfoResponse, dependencies=[Depends(user_access)])
     def model_info(engine: EngineDep) -> ModelInfoResponse:
         loaded = engine.require_model()
         allocated, reserved, note = _device_memory(loaded.device)
@@ -235,7 +171,7 @@ def _add_routes(app: FastAPI) -> None:
             cold_start=ColdStart(**phases) if (phases := engine.cold_start()) else None,
         )
 
-    @app.post("/load_model", response_model=LoadModelResponse)
+    @app.post("/load_model", response_model=LoadModelResponse, dependencies=[Depends(admin_access)])
     def load_model(
         engine: EngineDep,
         model_path: Annotated[
@@ -245,7 +181,7 @@ def _add_routes(app: FastAPI) -> None:
         load_in_4bit: bool = False,
     ) -> LoadModelResponse:
         quantization = quantization_from_flags(load_in_8bit, load_in_4bit)
-        new, previous = engine.load(model_path, quantization)
+        new, previous = engine.load_requested(model_path, quantization)
         return LoadModelResponse(
             status="loaded",
             model_name=new.name,

@@ -10,10 +10,12 @@ import os
 import tempfile
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+CommaList = Annotated[list[str], NoDecode]
 
 DEFAULT_INSTRUCTION_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
 DEFAULT_INSTRUCTION_INPUT_TEMPLATE = (
@@ -66,6 +68,58 @@ class Settings(BaseSettings):
     instruction_input_template: str = DEFAULT_INSTRUCTION_INPUT_TEMPLATE
 
     log_level: str = "INFO"
+
+    # Security. Keys guard every route but /health and the docs; with none set the API is open
+    # (local development) and a warning is logged once.
+    api_keys: CommaList = Field(
+        default_factory=list, description="Comma-separated keys for inference routes."
+    )
+    admin_api_keys: CommaList = Field(
+        default_factory=list, description="Comma-separated keys for /load_model."
+    )
+    api_keys_secret_arn: str | None = Field(
+        default=None,
+        description='Secrets Manager secret holding {"api_keys": …, "admin_api_keys": …}, read once at init.',
+    )
+    allowed_model_paths: CommaList = Field(
+        default_factory=list,
+        description="Directories and s3:// prefixes /load_model may load from; default: MODEL_PATH's parent.",
+    )
+    allow_runtime_model_load: bool = Field(
+        default=False, description="On Lambda, allow /load_model (it changes one execution environment only)."
+    )
+    max_request_bytes: int = Field(
+        default=1_048_576, ge=1024, description="Request bodies above this get 413."
+    )
+    max_prompt_tokens: int | None = Field(
+        default=None, ge=1, description="Prompt token cap; default: context."
+    )
+    rate_limit: str | None = Field(
+        default="120/minute",
+        description="Per key (or client address when open), server mode only; empty disables.",
+    )
+    # Set by the Lambda runtime: tells the code it runs on Lambda.
+    aws_lambda_function_name: str | None = None
+
+    @field_validator("api_keys", "admin_api_keys", "allowed_model_paths", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("rate_limit", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @property
+    def on_lambda(self) -> bool:
+        return bool(self.aws_lambda_function_name)
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys or self.admin_api_keys)
 
     @model_validator(mode="after")
     def _one_quantization(self) -> Settings:

@@ -18,13 +18,16 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from function.allowlist import check_model_path, default_allowed_paths
 from function.config import Settings
 from function.errors import (
     ContextLengthExceededError,
+    ForbiddenError,
     InvalidRequestError,
     ModelLoadError,
     ModelLoadInProgressError,
     ModelNotLoadedError,
+    PayloadTooLargeError,
 )
 from function.loading import LoadedModel, Quantization, load_model, pick_device, quantization_from_flags
 
@@ -212,6 +215,23 @@ class ModelManager:
         )
         return new, previous
 
+    @property
+    def allowed_model_paths(self) -> list[str]:
+        return self.settings.allowed_model_paths or default_allowed_paths(self.settings.model_path)
+
+    def load_requested(
+        self, model_path: str, quantization: Quantization = "none"
+    ) -> tuple[LoadedModel, LoadedModel | None]:
+        """A load asked for at run time (/load_model): policy and allow-list first, before any I/O."""
+        if self.settings.on_lambda and not self.settings.allow_runtime_model_load:
+            raise ForbiddenError(
+                "runtime model loading is disabled on Lambda: it would change one execution environment "
+                "only. Redeploy with the new model URI (the ModelPrefix parameter), or set "
+                "ALLOW_RUNTIME_MODEL_LOAD=true"
+            )
+        check_model_path(model_path, self.allowed_model_paths)
+        return self.load(model_path, quantization)
+
     def require_model(self) -> LoadedModel:
         self.ensure_loaded()
         loaded = self._current
@@ -237,6 +257,11 @@ class ModelManager:
 
         encoded = loaded.tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens)
         prompt_tokens = int(encoded["input_ids"].shape[1])
+        cap = self.settings.max_prompt_tokens
+        if cap is not None and prompt_tokens > cap:
+            raise PayloadTooLargeError(
+                f"the prompt has {prompt_tokens} tokens; the limit is {cap}", field="prompt", limit=cap
+            )
         total = prompt_tokens + params.max_new_tokens
         if total > loaded.context_length:
             raise ContextLengthExceededError(

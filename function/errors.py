@@ -49,3 +49,37 @@ class ModelLoadError(LLMFunctionError):
     """The asked-for model could not be loaded; the model being served is unchanged."""
 
     code = "model_load_failed"
+
+
+class UnauthorizedError(LLMFunctionError):
+    """No API key, or one that is not valid."""
+
+    code = "unauthorized"
+
+
+class ForbiddenError(LLMFunctionError):
+    """A valid key that may not do this, or an action this deployment refuses."""
+
+    code = "forbidden"
+
+
+class ModelPathNotAllowedError(ForbiddenError):
+    """/load_model's path is outside ALLOWED_MODEL_PATHS (checked before any I/O)."""
+
+    code = "model_path_not_allowed"
+
+
+class PayloadTooLargeError(LLMFunctionError):
+    """A request body, prompt or response over its cap."""
+
+    code = "payload_too_large"
+
+
+class RateLimitedError(LLMFunctionError):
+    """Too many requests for this key or client; `retry_after` seconds until the window frees up."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: int, limit: str) -> None:
+        super().__init__(message, limit=limit)
+        self.retry_after = retry_after

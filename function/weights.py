@@ -7,6 +7,7 @@ checked like a local directory.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -75,11 +76,18 @@ def resolve_weights(model_path: str, cache_dir: Path) -> ResolvedWeights:
 
 
 def check_model_files(local_dir: Path) -> None:
-    """Require a config and safetensors weights; refuse pickle-only checkpoints with a way out."""
+    """Require a config and safetensors weights; refuse custom code and pickle-only checkpoints."""
     if not (local_dir / "config.json").is_file():
         raise ModelLoadError(
             "model_path holds no config.json: not a transformers model directory", field="model_path"
         )
+    for name in ("config.json", "tokenizer_config.json"):
+        if _asks_for_custom_code(local_dir / name):
+            raise ModelLoadError(
+                f"the model's {name} asks for custom code (auto_map); this service never runs model code "
+                "(trust_remote_code is off), so the model is refused",
+                field="model_path",
+            )
     names = [p.name for p in local_dir.iterdir() if p.is_file()]
     if any(name.endswith(".safetensors") for name in names):
         return
@@ -90,3 +98,13 @@ def check_model_files(local_dir: Path) -> None:
             field="model_path",
         )
     raise ModelLoadError("model_path holds no *.safetensors weights", field="model_path")
+
+
+def _asks_for_custom_code(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # not ours to judge: from_pretrained reports an unreadable file
+    return isinstance(document, dict) and "auto_map" in document

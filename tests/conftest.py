@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 import os
 import pickle
 from collections.abc import Callable, Iterator
@@ -35,6 +36,15 @@ def _no_service_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         "USE_CHAT_TEMPLATE",
         "INSTRUCTION_TEMPLATE",
         "INSTRUCTION_INPUT_TEMPLATE",
+        "API_KEYS",
+        "ADMIN_API_KEYS",
+        "API_KEYS_SECRET_ARN",
+        "ALLOWED_MODEL_PATHS",
+        "ALLOW_RUNTIME_MODEL_LOAD",
+        "MAX_REQUEST_BYTES",
+        "MAX_PROMPT_TOKENS",
+        "RATE_LIMIT",
+        "AWS_LAMBDA_FUNCTION_NAME",
     ):
         monkeypatch.delenv(name, raising=False)
 
@@ -73,6 +83,9 @@ def make_settings(**overrides: Any) -> Settings:
         "max_new_tokens": TEST_MAX_NEW_TOKENS,
         "max_num_return_sequences": TEST_MAX_SEQUENCES,
         "cpu_dtype": "float32",
+        # Loads may come from the temp directory the tests build models in.
+        "allowed_model_paths": [tempfile.gettempdir()],
+        "rate_limit": None,  # off unless a test sets one
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import importlib
+import tempfile
 import json
 import time
 from collections.abc import Iterator
@@ -36,6 +37,7 @@ def handler_module(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactor
         patch.setenv("MAX_NEW_TOKENS", "1024")
         patch.setenv("CPU_DTYPE", "float32")
         patch.setenv("MODEL_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        patch.setenv("ALLOWED_MODEL_PATHS", tempfile.gettempdir())
         config.get_settings.cache_clear()
         engine._engine = None
         module = importlib.reload(importlib.import_module("function.handler"))

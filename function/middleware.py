@@ -1,0 +1,68 @@
+"""ASGI middleware: the request body cap, and the cold-start mark on the first response."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from fastapi import FastAPI, Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from function.http_errors import error_response
+from function.schemas import ErrorDetail
+
+
+class BodySizeLimit:
+    """413 for bodies over `max_bytes`: by Content-Length up front, or counted while streaming in."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        detail = ErrorDetail(field="body", message="request body too large", limit=self.max_bytes)
+        response = error_response(
+            413,
+            "payload_too_large",
+            f"the request body is over the limit of {self.max_bytes} bytes",
+            [detail],
+        )
+        await response(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def mark_cold_response(app: FastAPI) -> None:
+    """`X-Cold-Start: true` on the first response of this process (environment), `false` after."""
+    responses = itertools.count()
+
+    @app.middleware("http")
+    async def cold_start_header(request: Request, call_next: Any) -> Any:
+        response = await call_next(request)
+        response.headers["X-Cold-Start"] = "true" if next(responses) == 0 else "false"
+        return response
