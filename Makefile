@@ -7,7 +7,7 @@ DEMO_MODEL ?= .demo-model
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: help venv sam-venv serve demo-model test lint typecheck pytest emulate bench-dtype bench-coldstart clean
+.PHONY: help venv sam-venv checkov-venv serve demo-model test lint typecheck pytest emulate bench-dtype bench-coldstart clean
 
 help:
 	@echo "make serve      run the API on $(HOST):$(PORT) (builds the demo model if MODEL_PATH is unset)"
@@ -36,6 +36,16 @@ $(SAM_VENV)/.installed:
 
 sam-venv: $(SAM_VENV)/.installed
 
+# checkov (IaC security checks) has a large dependency tree of its own: a virtual environment apart.
+CHECKOV_VENV ?= .venv-checkov
+$(CHECKOV_VENV)/.installed:
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet 'checkov>=3.2'
+	touch $@
+
+checkov-venv: $(CHECKOV_VENV)/.installed
+
 $(DEMO_MODEL)/config.json: $(BIN)/.installed
 	$(BIN)/python -m function demo-model $(DEMO_MODEL)
 
@@ -57,8 +67,8 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
-pytest: venv sam-venv
-	SAM_VENV=$(SAM_VENV) $(BIN)/python -m pytest $(PYTEST_ARGS)
+pytest: venv sam-venv checkov-venv
+	SAM_VENV=$(SAM_VENV) CHECKOV_VENV=$(CHECKOV_VENV) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The Docker-free Lambda loop: SeaweedFS (S3) + the Runtime Interface Emulator around the handler,
 # every events/*.json invoked. KEEP=1 leaves both running for your own invocations.
@@ -74,4 +84,4 @@ bench-coldstart: venv sam-venv
 	SAM_VENV=$(SAM_VENV) $(BIN)/python -m benchmarks.coldstart
 
 clean:
-	rm -rf $(VENV) $(SAM_VENV) $(DEMO_MODEL) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(SAM_VENV) $(CHECKOV_VENV) $(DEMO_MODEL) .pytest_cache .mypy_cache .ruff_cache

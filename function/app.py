@@ -97,10 +97,29 @@ def create_app(settings: Settings | None = None, engine: ModelManager | None = N
     )
     warn_if_open(settings)
     install_error_handlers(app)
+    _publish_server_limits(app, settings)
     mark_cold_response(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     _add_routes(app)
     return app
+
+
+def _publish_server_limits(app: FastAPI, settings: Settings) -> None:
+    """Put the settings' bounds into /openapi.json, so the docs state the limits requests meet."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        for model in ("GenerateRequest", "ChatRequest"):
+            properties = schema["components"]["schemas"][model]["properties"]
+            properties["max_new_tokens"]["maximum"] = settings.max_new_tokens
+            if "num_return_sequences" in properties:
+                properties["num_return_sequences"]["maximum"] = settings.max_num_return_sequences
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _add_routes(app: FastAPI) -> None:

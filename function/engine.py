@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length", "time"]
 MIN_GENERATION_SECONDS = 0.05
+# Below this, sampling is argmax in all but name, and dividing logits by it overflows: decode greedily.
+GREEDY_TEMPERATURE = 1e-5
 
 # A monotonic deadline for the generation of the current request, set by whoever knows it (the
 # Lambda handler, from the invocation's remaining time and API Gateway's limit). Generation stops
@@ -69,7 +71,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return not self.do_sample or self.temperature == 0
+        return not self.do_sample or self.temperature < GREEDY_TEMPERATURE
 
 
 @dataclass(frozen=True)
@@ -106,13 +108,6 @@ def validate_limits(params: SamplingParams, settings: Settings) -> None:
             f"num_return_sequences must be at most {settings.max_num_return_sequences}",
             field="num_return_sequences",
             limit=settings.max_num_return_sequences,
-        )
-    if params.greedy and params.num_return_sequences > 1:
-        raise InvalidRequestError(
-            "num_return_sequences > 1 needs sampling (do_sample=true and temperature > 0): "
-            "greedy decoding returns one sequence",
-            field="num_return_sequences",
-            limit=1,
         )
 
 

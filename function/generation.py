@@ -18,7 +18,8 @@ def generation_config(loaded: LoadedModel, params: SamplingParams) -> Any:
     tokenizer = loaded.tokenizer
     options: dict[str, Any] = {
         "max_new_tokens": params.max_new_tokens,
-        "num_return_sequences": params.num_return_sequences,
+        # Greedy sequences would be identical: generate one and copy it (see run_generation).
+        "num_return_sequences": 1 if params.greedy else params.num_return_sequences,
         "repetition_penalty": params.repetition_penalty,
         "pad_token_id": tokenizer.pad_token_id,
         "eos_token_id": sorted(eos_token_ids(loaded)) or None,
@@ -54,7 +55,7 @@ def run_generation(
     inputs = {name: tensor.to(loaded.device) for name, tensor in encoded.items()}
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # bitsandbytes warns about input casts on every call
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"logits_processor": _bounded_logits()}
         if on_first_token is not None:
             extra["stopping_criteria"] = _first_token_criteria(on_first_token)
         output = loaded.model.generate(
@@ -72,7 +73,25 @@ def run_generation(
         continuations.append(text)
         reasons.append(reason)
         produced += count
+    if params.greedy and params.num_return_sequences > 1:
+        copies = params.num_return_sequences
+        return continuations * copies, reasons * copies, produced * copies
     return continuations, reasons, produced
+
+
+LOGIT_BOUND = 1e4  # far beyond any real model's logits; keeps extreme penalties finite
+
+
+def _bounded_logits() -> Any:
+    """After the repetition penalty, before temperature: logits stay finite (a penalty of 1e-300 is valid)."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class BoundedLogits(LogitsProcessor):
+        def __call__(self, input_ids: Any, scores: Any) -> Any:
+            return torch.nan_to_num(scores, nan=-LOGIT_BOUND).clamp(-LOGIT_BOUND, LOGIT_BOUND)
+
+    return LogitsProcessorList([BoundedLogits()])
 
 
 def _first_token_criteria(callback: Callable[[], None]) -> Any:

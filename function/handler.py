@@ -40,6 +40,7 @@ from mangum import Mangum  # noqa: E402
 from starlette.types import ASGIApp, Receive, Scope, Send  # noqa: E402
 
 from function.app import create_app  # noqa: E402
+from function.auth import with_secret_keys  # noqa: E402
 from function.engine import deadline_in, get_engine  # noqa: E402
 from function.loading import import_runtime  # noqa: E402
 
@@ -58,8 +59,11 @@ def resident_mb() -> float | None:
 
 
 API_GATEWAY_TIMEOUT_S = 29.0
+LAMBDA_PAYLOAD_LIMIT = 6 * 1024 * 1024
+PAYLOAD_HEADROOM = 16 * 1024  # the runtime's own envelope around our response
 SAFETY_MARGIN_S = 1.5  # tokenizing, decoding and returning the response after generation stops
 
+settings = with_secret_keys(settings)  # API keys from Secrets Manager, read once, at init
 logging.basicConfig(level=settings.log_level.upper())
 logging.getLogger().setLevel(settings.log_level.upper())
 engine = get_engine(
@@ -96,11 +100,10 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
         return {"warmup": True, "model_loaded": engine.current is not None}
     if "requestContext" in event:
         with deadline_in(generation_budget(event, context)):
-            response: dict[str, Any] = asgi_handler(event, context)
-            return response
+            return within_payload_limit(asgi_handler(event, context), direct=False)
     if isinstance(event.get("path"), str):
         with deadline_in(generation_budget(event, context)):
-            return invoke_direct(event, context)
+            return within_payload_limit(invoke_direct(event, context), direct=True)
     return {
         "statusCode": 400,
         "headers": {"content-type": "application/json"},
@@ -115,6 +118,28 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
             }
         },
     }
+
+
+def within_payload_limit(response: dict[str, Any], *, direct: bool) -> dict[str, Any]:
+    """Lambda refuses responses over 6 MB (a 502 at the caller): answer 413 with the reason instead."""
+    size = len(json.dumps(response, ensure_ascii=False).encode("utf-8"))
+    if size <= LAMBDA_PAYLOAD_LIMIT - PAYLOAD_HEADROOM:
+        return response
+    error = {
+        "error": {
+            "code": "payload_too_large",
+            "status": 413,
+            "message": (
+                f"the response would be {size} bytes, over Lambda's 6 MB payload limit: ask for fewer "
+                "or shorter sequences (num_return_sequences, max_new_tokens) or a shorter prompt"
+            ),
+            "details": [{"field": None, "message": "response too large", "limit": LAMBDA_PAYLOAD_LIMIT}],
+        }
+    }
+    headers = {"content-type": "application/json"}
+    if direct:
+        return {"statusCode": 413, "headers": headers, "body": error}
+    return {"statusCode": 413, "headers": headers, "body": json.dumps(error), "isBase64Encoded": False}
 
 
 def is_warmup(event: dict[str, Any]) -> bool:

@@ -146,6 +146,16 @@ def safe_reason(exc: BaseException, local_dir: Path) -> str:
     return f"{type(exc).__name__}: {text[:300]}"
 
 
+def _release_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _context_length(config: Any, tokenizer: Any) -> int:
     for attribute in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, attribute, None)
@@ -167,6 +177,13 @@ def load_model(model_path: str, quantization: Quantization, settings: Settings, 
         raise
     except Exception as exc:  # transformers, torch and bitsandbytes raise many types; none may escape raw
         logger.exception("model load failed")
+        if "OutOfMemoryError" in type(exc).__name__:
+            _release_memory()
+            raise ModelLoadError(
+                "the new model does not fit in memory beside the one being served; the old "
+                "model keeps serving (try load_in_8bit or load_in_4bit)",
+                field="model_path",
+            ) from exc
         raise ModelLoadError(
             "the model could not be loaded: " + safe_reason(exc, weights.local_dir), field="model_path"
         ) from exc

@@ -7,20 +7,37 @@ are checked in `function.engine.validate_limits`, so the server's limit is named
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from function.engine import SamplingParams
 
 
 def _not_blank(value: str) -> str:
-    if not value.strip():
-        raise ValueError("must not be empty")
+    if not _NOT_SPACE.search(value):
+        raise ValueError("must not be empty or only whitespace")
     return value
 
 
-NonEmptyText = Annotated[str, Field(min_length=1), AfterValidator(_not_blank)]
+def _json_number(value: object) -> object:
+    """JSON numbers only: no booleans and no numeric strings (pydantic's lax mode would coerce them)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be a JSON number")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_json_number)]  # 3 and 3.0 (JSON Schema's integer), not "3" or true
+Float = Annotated[float, BeforeValidator(_json_number)]
+Bool = Annotated[bool, Field(strict=True)]
+# Bounds inside the validator, or pydantic writes them to the schema as raw "ge"/"le" keys.
+Seed = Annotated[Annotated[int, Field(ge=0, le=2**32 - 1)], BeforeValidator(_json_number)]
+# The schema says "at least one non-whitespace character"; the check uses the same (Python re) semantics.
+_NOT_SPACE = re.compile(r"\S")
+NonEmptyText = Annotated[
+    str, Field(min_length=1, json_schema_extra={"pattern": r"\S"}), AfterValidator(_not_blank)
+]
 StopStrings = Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)]
 FinishReason = Literal["stop", "length", "time"]
 
@@ -29,17 +46,17 @@ class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: NonEmptyText
-    max_new_tokens: int = Field(default=256, ge=1)
-    temperature: float = Field(default=0.7, ge=0, description="0 means greedy decoding.")
-    top_p: float = Field(default=0.9, gt=0, le=1)
-    top_k: int = Field(default=50, ge=0, description="0 disables top-k filtering.")
-    repetition_penalty: float = Field(default=1.1, gt=0)
-    do_sample: bool = True
-    num_return_sequences: int = Field(default=1, ge=1)
+    max_new_tokens: Int = Field(default=256, ge=1)
+    temperature: Float = Field(default=0.7, ge=0, description="0 means greedy decoding.")
+    top_p: Float = Field(default=0.9, gt=0, le=1)
+    top_k: Int = Field(default=50, ge=0, description="0 disables top-k filtering.")
+    repetition_penalty: Float = Field(default=1.1, gt=0)
+    do_sample: Bool = True
+    num_return_sequences: Int = Field(default=1, ge=1)
     stop: StopStrings | None = Field(
         default=None, description="Up to 4 strings; generation stops before the first one produced."
     )
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1, description="Makes sampling reproducible.")
+    seed: Seed | None = Field(default=None, description="Makes sampling reproducible.")
 
     def sampling_params(self, max_new_tokens_limit: int) -> SamplingParams:
         return SamplingParams(
@@ -60,11 +77,11 @@ class ChatRequest(BaseModel):
 
     instruction: NonEmptyText
     input: str = ""
-    max_new_tokens: int = Field(default=256, ge=1)
-    temperature: float = Field(default=0.7, ge=0, description="0 means greedy decoding.")
-    top_p: float = Field(default=0.9, gt=0, le=1)
+    max_new_tokens: Int = Field(default=256, ge=1)
+    temperature: Float = Field(default=0.7, ge=0, description="0 means greedy decoding.")
+    top_p: Float = Field(default=0.9, gt=0, le=1)
     stop: StopStrings | None = None
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    seed: Seed | None = None
 
     def sampling_params(self, max_new_tokens_limit: int) -> SamplingParams:
         return SamplingParams(

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import tempfile
 import os
 import pickle
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
 import requests
 
@@ -244,3 +245,51 @@ def test_missing_weights_answer_503_with_a_reason_then_recover(
         )
     finally:
         function.stop()
+
+
+def test_keys_come_from_the_secret_read_at_init(seaweed: SeaweedFS, tmp_path: Path) -> None:
+    from moto.server import ThreadedMotoServer
+
+    secrets_server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    secrets_server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{secrets_server._server.server_port}"  # type: ignore[union-attr]
+        secrets = boto3.client(
+            "secretsmanager",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="local",
+            aws_secret_access_key="local-secret",
+        )
+        arn = secrets.create_secret(
+            Name="llm-function/keys",
+            SecretString=json.dumps(
+                {"api_keys": ["emulator-user-key"], "admin_api_keys": ["emulator-admin-key"]}
+            ),
+        )["ARN"]
+        environment = {
+            **function_environment(seaweed, tmp_path / "tmp"),
+            "API_KEYS_SECRET_ARN": arn,
+            "AWS_ENDPOINT_URL_SECRETS_MANAGER": endpoint,
+        }
+        function = LambdaEmulator(environment, tmp_path / "rie.log").start()
+        try:
+            request = {"path": "/generate", "method": "POST", "body": GREEDY_GENERATE}
+            without_key = function.invoke(request)
+            with_user_key = function.invoke({**request, "headers": {"x-api-key": "emulator-user-key"}})
+            load = function.invoke(
+                {
+                    "path": "/load_model",
+                    "method": "POST",
+                    "query": {"model_path": MODEL_URI},
+                    "headers": {"authorization": "Bearer emulator-admin-key"},
+                }
+            )
+        finally:
+            function.stop()
+    finally:
+        secrets_server.stop()
+
+    assert without_key["statusCode"] == 401
+    assert with_user_key["statusCode"] == 200
+    assert load["statusCode"] == 403 and "Redeploy" in load["body"]["error"]["message"]

@@ -230,3 +230,25 @@ def test_quantized_loads_work_on_cpu(demo_model_dir: Path, quantization: str, la
     assert layer_class in layers
     result = engine.generate("Python이란?", GREEDY)
     assert result.completion_tokens > 0
+
+
+def test_greedy_with_several_sequences_returns_identical_copies(served_engine: ModelManager) -> None:
+    result = served_engine.generate(
+        "Python", SamplingParams(max_new_tokens=6, temperature=0, num_return_sequences=3)
+    )
+
+    assert len(result.continuations) == 3 and len(set(result.continuations)) == 1
+    assert len(result.finish_reasons) == 3
+
+
+@pytest.mark.parametrize(
+    ("temperature", "repetition_penalty"), [(5.0, 5e-324), (1e-300, 1.1), (1e300, 1e300)]
+)
+def test_extreme_but_valid_sampling_values_still_generate(
+    served_engine: ModelManager, temperature: float, repetition_penalty: float
+) -> None:
+    params = SamplingParams(
+        max_new_tokens=4, temperature=temperature, repetition_penalty=repetition_penalty, seed=1
+    )
+
+    assert served_engine.generate("0.1.0", params).completion_tokens > 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -304,3 +305,19 @@ def test_an_interrupted_fetch_resumes_with_the_verified_files(
     assert (again.local_dir / COMPLETE_MARKER).is_file()
     assert not list(cache.rglob("*.part"))
     assert files_of(again.local_dir)["tokenizer.json"] == (demo_model_dir / "tokenizer.json").read_bytes()
+
+
+def test_an_unreachable_s3_gives_a_clear_reason(
+    aws_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN an S3 endpoint where nothing listens (boto3 retries the connection, then gives up)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{port}")
+
+    with pytest.raises(ModelLoadError) as error:
+        ModelFetcher(tmp_path / "cache").fetch("s3://models/m/")
+
+    assert "could not be reached" in error.value.message
+    assert leftovers(tmp_path / "cache") == []

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import base64
 import importlib
-import tempfile
 import json
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +15,11 @@ from typing import Any
 import pytest
 
 from function import config, engine
+from tests.conftest import TEST_MAX_NEW_TOKENS, TEST_MAX_SEQUENCES
 from tests.events import event_names, expected_status, load_event
+from tests.unit.test_schemas import CASES
+
+LAMBDA_MAX_NEW_TOKENS = 1024  # the time-budget tests need long generations
 
 
 class LambdaContext:
@@ -34,7 +38,8 @@ class LambdaContext:
 def handler_module(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MODEL_PATH", str(demo_model_dir))
-        patch.setenv("MAX_NEW_TOKENS", "1024")
+        patch.setenv("MAX_NEW_TOKENS", str(LAMBDA_MAX_NEW_TOKENS))
+        patch.setenv("MAX_NUM_RETURN_SEQUENCES", str(TEST_MAX_SEQUENCES))
         patch.setenv("CPU_DTYPE", "float32")
         patch.setenv("MODEL_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
         patch.setenv("ALLOWED_MODEL_PATHS", tempfile.gettempdir())
@@ -174,3 +179,63 @@ def test_docs_behind_a_rest_api_stage_find_their_schema(handler_module: ModuleTy
 
     assert response["statusCode"] == 200
     assert "/prod/openapi.json" in response["body"]
+
+
+def for_lambda(body: dict[str, Any], limit: Any) -> tuple[dict[str, Any], Any]:
+    """The validation table's max_new_tokens cases, moved to this fixture's MAX_NEW_TOKENS."""
+    body = dict(body)
+    if body.get("max_new_tokens") == TEST_MAX_NEW_TOKENS:
+        body["max_new_tokens"] = LAMBDA_MAX_NEW_TOKENS
+    elif body.get("max_new_tokens") == TEST_MAX_NEW_TOKENS + 1:
+        body["max_new_tokens"], limit = LAMBDA_MAX_NEW_TOKENS + 1, LAMBDA_MAX_NEW_TOKENS
+    return body, limit
+
+
+@pytest.mark.parametrize("transport", ["direct", "http-api-v2"])
+@pytest.mark.parametrize(
+    ("route", "body", "status", "field", "limit"),
+    CASES,
+    ids=[f"{c[0]}-{c[3] or 'ok'}-{c[2]}-{i}" for i, c in enumerate(CASES)],
+)
+def test_the_bad_input_table_through_lambda_events(
+    handler_module: ModuleType,
+    transport: str,
+    route: str,
+    body: dict[str, Any],
+    status: int,
+    field: str | None,
+    limit: Any,
+) -> None:
+    body, limit = for_lambda(body, limit)
+    if transport == "direct":
+        response = handler_module.handler({"path": route, "method": "POST", "body": body}, LambdaContext())
+        answer = response["body"]
+    else:
+        event = load_event("http-api-v2-generate.json")
+        event["rawPath"] = event["requestContext"]["http"]["path"] = route
+        event["body"] = base64.b64encode(json.dumps(body).encode()).decode()
+        event["requestContext"]["timeEpoch"] = int(time.time() * 1000)
+        response = handler_module.handler(event, LambdaContext())
+        answer = http_body(response)
+
+    assert response["statusCode"] == status, answer
+    if status != 200:
+        detail = next(d for d in answer["error"]["details"] if d["field"] == field)
+        if limit is not None:
+            assert detail["limit"] == limit
+
+
+def test_a_response_over_lambdas_6_mb_becomes_a_413(handler_module: ModuleType) -> None:
+    big = {
+        "statusCode": 200,
+        "headers": {},
+        "body": json.dumps({"generated_text": ["x" * (7 * 1024 * 1024)]}),
+    }
+    small = {"statusCode": 200, "headers": {}, "body": "{}"}
+
+    refused = handler_module.within_payload_limit(big, direct=False)
+
+    assert handler_module.within_payload_limit(small, direct=False) is small
+    assert refused["statusCode"] == 413
+    assert json.loads(refused["body"])["error"]["code"] == "payload_too_large"
+    assert len(json.dumps(refused)) < 1024
