@@ -8,7 +8,6 @@ those of a uvicorn server, and S3 failures give 503 with a reason, then recover.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import subprocess
@@ -22,7 +21,7 @@ import boto3
 import pytest
 import requests
 
-from tests.events import event_names, expected_status, load_event
+from tests.events import assert_sample_answered, event_names, http_body, load_event
 from tests.integration.local_aws import SAM_VENV, LambdaEmulator, SeaweedFS, free_port, stop_process
 from tests.integration.test_server_process import wait_healthy
 from tests.s3_helpers import upload_model
@@ -85,13 +84,6 @@ def uvicorn_url(seaweed: SeaweedFS, tmp_path_factory: pytest.TempPathFactory) ->
         stop_process(process)
 
 
-def http_body(response: dict[str, Any]) -> Any:
-    body = response.get("body") or ""
-    if response.get("isBase64Encoded"):
-        body = base64.b64decode(body).decode()
-    return json.loads(body) if body.startswith(("{", "[")) else body
-
-
 def header(response: dict[str, Any], name: str) -> str | None:
     headers = {k.lower(): v for k, v in (response.get("headers") or {}).items()}
     multi = {k.lower(): v[-1] for k, v in (response.get("multiValueHeaders") or {}).items()}
@@ -111,18 +103,7 @@ def test_the_first_invocation_is_a_cold_start_from_s3(emulator: LambdaEmulator) 
 
 @pytest.mark.parametrize("name", event_names())
 def test_every_sample_event(emulator: LambdaEmulator, name: str) -> None:
-    response = emulator.invoke(load_event(name))
-
-    status = expected_status(name)
-    if status is None:
-        assert response == {"warmup": True, "model_loaded": True}
-        return
-    assert response["statusCode"] == status
-    body = response["body"] if name.startswith("direct") else http_body(response)
-    if status == 200 and "generate" in name:
-        assert body["generated_text"][0].startswith(GREEDY_GENERATE["prompt"])
-    if status == 422:
-        assert body["error"]["code"] == "invalid_request"
+    assert_sample_answered(name, emulator.invoke(load_event(name)))
 
 
 ROUTES: list[tuple[str, str, dict[str, Any] | None, str]] = [

@@ -71,24 +71,28 @@ def stop(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
+def serve_command(model_dir: Path, port: int, *flags: str) -> list[str]:
+    """`python -m function serve --model_path DIR --host 127.0.0.1 --port PORT [flags]` (the README)."""
+    return [
+        sys.executable,
+        "-m",
+        "function",
+        "serve",
+        "--model_path",
+        str(model_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *flags,
+    ]
+
+
 @pytest.fixture(scope="module")
 def cli_server(demo_model_dir: Path) -> Iterator[str]:
     """`python -m function serve --model_path DIR --host … --port …`, as the README's Serving table says."""
     port = free_port()
-    process = start(
-        [
-            sys.executable,
-            "-m",
-            "function",
-            "serve",
-            "--model_path",
-            str(demo_model_dir),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ]
-    )
+    process = start(serve_command(demo_model_dir, port))
     base_url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(base_url, process)
@@ -167,22 +171,7 @@ def test_uvicorn_with_model_path_in_the_environment(demo_model_dir: Path) -> Non
 
 def test_serve_with_reload_and_a_quantization_flag(other_model_dir: Path) -> None:
     port = free_port()
-    process = start(
-        [
-            sys.executable,
-            "-m",
-            "function",
-            "serve",
-            "--model_path",
-            str(other_model_dir),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--load_in_8bit",
-            "--reload",
-        ]
-    )
+    process = start(serve_command(other_model_dir, port, "--load_in_8bit", "--reload"))
     base_url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(base_url, process)

@@ -112,13 +112,7 @@ def test_key_comparison() -> None:
 
 
 @pytest.fixture
-def secrets(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "t",
-        "AWS_SECRET_ACCESS_KEY": "t",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(name, value)
+def secrets(aws_credentials: None) -> Iterator[Any]:
     with mock_aws():
         yield boto3.client("secretsmanager", region_name="us-east-1")
 

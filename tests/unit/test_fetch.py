@@ -26,20 +26,7 @@ BUCKET = "models"
 
 
 @pytest.fixture
-def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-
-
-@pytest.fixture
-def s3(aws_env: None) -> Iterator[Any]:
+def s3(aws_credentials: None) -> Iterator[Any]:
     with mock_aws():
         client = s3_client()  # the production client: its retry configuration is under test
         client.create_bucket(Bucket=BUCKET)
@@ -243,7 +230,7 @@ ModelFetcher(Path(sys.argv[1]), client, part_size=64 * 1024, max_workers=2).fetc
 
 
 def test_a_download_killed_midway_is_never_used(
-    aws_env: None, demo_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    aws_credentials: None, demo_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
@@ -308,7 +295,7 @@ def test_an_interrupted_fetch_resumes_with_the_verified_files(
 
 
 def test_an_unreachable_s3_gives_a_clear_reason(
-    aws_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    aws_credentials: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # GIVEN an S3 endpoint where nothing listens (boto3 retries the connection, then gives up)
     with socket.socket() as sock:

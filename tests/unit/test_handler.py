@@ -16,7 +16,7 @@ import pytest
 
 from function import config, engine
 from tests.conftest import TEST_MAX_NEW_TOKENS, TEST_MAX_SEQUENCES
-from tests.events import event_names, expected_status, load_event
+from tests.events import assert_sample_answered, event_names, http_body, load_event
 from tests.unit.test_schemas import CASES
 
 LAMBDA_MAX_NEW_TOKENS = 1024  # the time-budget tests need long generations
@@ -51,29 +51,9 @@ def handler_module(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactor
         engine._engine = None
 
 
-def http_body(response: dict[str, Any]) -> Any:
-    body = response["body"]
-    if response.get("isBase64Encoded"):
-        body = base64.b64decode(body).decode()
-    return json.loads(body)
-
-
 @pytest.mark.parametrize("name", event_names())
 def test_every_sample_event_is_answered(handler_module: ModuleType, name: str) -> None:
-    response = handler_module.handler(load_event(name), LambdaContext())
-
-    status = expected_status(name)
-    if status is None:
-        assert response == {"warmup": True, "model_loaded": True}
-        return
-    assert response["statusCode"] == status
-    body = response["body"] if name.startswith("direct") else http_body(response)
-    if status == 422:
-        assert body["error"]["code"] == "invalid_request"
-    elif "generate" in name:
-        assert body["generated_text"][0].startswith("Python이란 무엇인가요?")
-    elif "chat" in name:
-        assert body["instruction"] == "머신러닝을 설명하세요"
+    assert_sample_answered(name, handler_module.handler(load_event(name), LambdaContext()))
 
 
 def test_direct_and_http_events_give_the_same_greedy_text(handler_module: ModuleType) -> None:
