@@ -1,4 +1,4 @@
-"""The command line: `serve` (the original guide's flags) and `demo-model`.
+"""The command line: `serve` (the original guide's flags), `demo-model` and `test-api`.
 
 Argument parsing imports nothing heavy; torch and transformers load only in the command run.
 """
@@ -75,7 +75,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="give the tokenizer a chat template (default: none, so /chat uses the instruction format)",
     )
     demo.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
+    tester = commands.add_parser(
+        "test-api",
+        help="check a running server (the guide's test_api.py)",
+        description="Check a running server: health, chat, all routes, or an interactive question REPL. "
+        "Exits non-zero on failure.",
+    )
+    tester.add_argument("--mode", choices=("all", "health", "chat", "interactive"), default="all")
+    tester.add_argument(
+        "--url", default="http://localhost:8000", help="server URL (default: http://localhost:8000)"
+    )
+    tester.add_argument("--api-key", default=None, help="API key, sent as X-API-Key")
     return parser
+
+
+def run_test_api(args: argparse.Namespace) -> int:
+    from function.api_tester import interactive, run_checks
+    from function.client import LLMClient
+
+    client = LLMClient(args.url, api_key=args.api_key)
+    if args.mode == "interactive":
+        return interactive(client)
+    return run_checks(client, args.mode)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -141,6 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return run_serve(args)
+    if args.command == "test-api":
+        return run_test_api(args)
     return run_demo_model(args)
 
 

@@ -12,6 +12,10 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from function.config import enforce_hub_offline
+
+enforce_hub_offline()  # the demo model is built offline, like every load
+
 # A minimal chat template in the Llama-2 style, written only when asked for, so the tests can
 # cover both the tokenizer's chat template and the instruction-format fallback.
 DEMO_CHAT_TEMPLATE = (

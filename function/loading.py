@@ -16,12 +16,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from function.config import Settings
+from function.config import Settings, enforce_hub_offline
 from function.errors import InvalidRequestError, ModelLoadError
 from function.fetch import FetchResult
 from function.weights import ResolvedWeights, resolve_weights
 
 logger = logging.getLogger(__name__)
+enforce_hub_offline()  # before transformers (imported inside the functions below) reads it
 
 Quantization = Literal["none", "8bit", "4bit"]
 # What loading a model imports. transformers imports most of these lazily on first use (about 2 s
