@@ -9,17 +9,18 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Query, Request, Security
+from fastapi import Depends, FastAPI, Query
 from fastapi.responses import JSONResponse
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from function import __version__
-from function.auth import presented_key, require_admin, require_user, warn_if_open
+from function.auth import warn_if_open
 from function.config import Settings, get_settings
+from function.dependencies import EngineDep, admin_access, user_access
 from function.engine import ModelManager, get_engine
 from function.http_errors import ERROR_RESPONSES, install_error_handlers
 from function.loading import quantization_from_flags
 from function.middleware import BodySizeLimit, mark_cold_response
+from function.openai_routes import build_router as build_openai_router
 from function.ratelimit import RateLimiter
 from function.schemas import (
     ChatRequest,
@@ -35,40 +36,6 @@ from function.schemas import (
 )
 
 logger = logging.getLogger(__name__)
-
-api_key_scheme = APIKeyHeader(
-    name="X-API-Key", auto_error=False, description="API key (the original guide's header)"
-)
-bearer_scheme = HTTPBearer(auto_error=False, description="The same API key as a bearer token")
-ApiKeyHeader = Annotated[str | None, Security(api_key_scheme)]
-BearerToken = Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)]
-
-
-def get_manager(request: Request) -> ModelManager:
-    engine: ModelManager = request.app.state.engine
-    return engine
-
-
-EngineDep = Annotated[ModelManager, Depends(get_manager)]
-
-
-def _admit(request: Request, x_api_key: str | None, *, admin: bool) -> None:
-    settings: Settings = request.app.state.settings
-    key = presented_key(x_api_key, request.headers.get("authorization"))
-    (require_admin if admin else require_user)(settings, key)
-    limiter: RateLimiter | None = request.app.state.rate_limiter
-    if limiter is not None:
-        limiter.hit(key, request.client.host if request.client else None)
-
-
-def user_access(request: Request, x_api_key: ApiKeyHeader = None, _bearer: BearerToken = None) -> None:
-    """Inference routes: a user or admin key (when keys are configured), then the rate limit."""
-    _admit(request, x_api_key, admin=False)
-
-
-def admin_access(request: Request, x_api_key: ApiKeyHeader = None, _bearer: BearerToken = None) -> None:
-    """/load_model: an admin key (when keys are configured), then the rate limit."""
-    _admit(request, x_api_key, admin=True)
 
 
 def gigabytes(num_bytes: float) -> str:
@@ -98,6 +65,7 @@ def create_app(settings: Settings | None = None, engine: ModelManager | None = N
     warn_if_open(settings)
     install_error_handlers(app)
     _publish_server_limits(app, settings)
+    app.include_router(build_openai_router())
     mark_cold_response(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     _add_routes(app)
@@ -112,11 +80,20 @@ def _publish_server_limits(app: FastAPI, settings: Settings) -> None:
         if app.openapi_schema is not None:
             return app.openapi_schema
         schema = build()
-        for model in ("GenerateRequest", "ChatRequest"):
-            properties = schema["components"]["schemas"][model]["properties"]
-            properties["max_new_tokens"]["maximum"] = settings.max_new_tokens
-            if "num_return_sequences" in properties:
-                properties["num_return_sequences"]["maximum"] = settings.max_num_return_sequences
+        components = schema["components"]["schemas"]
+        bounds = {
+            "max_new_tokens": settings.max_new_tokens,
+            "max_tokens": settings.max_new_tokens,
+            "max_completion_tokens": settings.max_new_tokens,
+            "num_return_sequences": settings.max_num_return_sequences,
+            "n": settings.max_num_return_sequences,
+        }
+        for model in ("GenerateRequest", "ChatRequest", "CompletionRequest", "ChatCompletionRequest"):
+            for name, field in components.get(model, {}).get("properties", {}).items():
+                if name in bounds:
+                    for branch in field.get("anyOf", [field]):  # optional fields: bound the integer branch
+                        if branch.get("type") == "integer":
+                            branch["maximum"] = bounds[name]
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -124,6 +124,30 @@ def build_chat_prompt(loaded: LoadedModel, instruction: str, input_text: str, se
     return settings.instruction_template.format(instruction=instruction)
 
 
+def build_messages_prompt(loaded: LoadedModel, messages: list[dict[str, str]], settings: Settings) -> str:
+    """OpenAI-style messages: the chat template, else the instruction format with the last user message
+    (or the last message, when none is the user's) as the instruction and the turns before it as the input."""
+    if loaded.chat_template:
+        prompt: str = loaded.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        return prompt
+    users = [index for index, message in enumerate(messages) if message["role"] == "user"]
+    last_user = users[-1] if users else len(messages) - 1  # no user turn: the last message is the instruction
+    context = "\n".join(f"{m['role']}: {m['content']}" for m in messages[:last_user])
+    return build_chat_prompt(loaded, messages[last_user]["content"], context, settings)
+
+
+@dataclass(frozen=True)
+class StreamEnd:
+    """The last item of a stream: how it finished, and the token counts."""
+
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    model_name: str
+
+
 @dataclass
 class ModelManager:
     """Holds the served model; `load` swaps it atomically, `generate`/`chat` use a snapshot."""
@@ -245,11 +269,71 @@ class ModelManager:
         # A chat template writes its own special tokens (BOS); don't add them twice.
         return self._complete(loaded, prompt, params, add_special_tokens=not loaded.chat_template)
 
-    def _complete(
-        self, loaded: LoadedModel, prompt: str, params: SamplingParams, *, add_special_tokens: bool
-    ) -> Completion:
+    def chat_messages(self, messages: list[dict[str, str]], params: SamplingParams) -> Completion:
+        validate_limits(params, self.settings)
+        loaded = self.require_model()
+        prompt = build_messages_prompt(loaded, messages, self.settings)
+        return self._complete(loaded, prompt, params, add_special_tokens=not loaded.chat_template)
+
+    def stream(self, prompt: str | list[dict[str, str]], params: SamplingParams) -> Iterator[str | StreamEnd]:
+        """Text deltas as they are generated, then a StreamEnd. `prompt` is text or OpenAI-style messages.
+
+        Text that could begin a stop string is held back; the deltas always add up to the same text a
+        non-streamed request returns.
+        """
+        validate_limits(params, self.settings)
+        if params.num_return_sequences != 1:
+            raise InvalidRequestError("streaming returns one sequence: n must be 1", field="n", limit=1)
+        loaded = self.require_model()
+        if isinstance(prompt, list):
+            text, special = build_messages_prompt(loaded, prompt, self.settings), not loaded.chat_template
+        else:
+            text, special = prompt, True
+        encoded, prompt_tokens = self._encode(loaded, text, params, add_special_tokens=special)
+        return self._stream(loaded, encoded, prompt_tokens, self._within_deadline(params))
+
+    def _stream(
+        self, loaded: LoadedModel, encoded: Any, prompt_tokens: int, params: SamplingParams
+    ) -> Iterator[str | StreamEnd]:
+        from transformers import TextIteratorStreamer
+
         from function.generation import run_generation
 
+        streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                with self._generate_lock:
+                    outcome["result"] = run_generation(loaded, encoded, params, None, streamer=streamer)
+            except BaseException as exc:  # surfaced to the reader below
+                outcome["error"] = exc
+                streamer.end()
+
+        worker = threading.Thread(target=work, name="generate-stream", daemon=True)
+        worker.start()
+        held_back = max((len(stop) for stop in params.stop), default=1) - 1
+        received, sent = "", 0
+        for delta in streamer:
+            received += delta
+            cut = min((i for stop in params.stop if (i := received.find(stop)) >= 0), default=None)
+            safe = cut if cut is not None else len(received) - held_back
+            if safe > sent:
+                yield received[sent:safe]
+                sent = safe
+        worker.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        continuations, reasons, produced = outcome["result"]
+        final = continuations[0]
+        if final.startswith(received[:sent]) and len(final) > sent:
+            yield final[sent:]
+        yield StreamEnd(reasons[0], prompt_tokens, produced, loaded.name)
+
+    def _encode(
+        self, loaded: LoadedModel, prompt: str, params: SamplingParams, *, add_special_tokens: bool
+    ) -> tuple[Any, int]:
+        """Tokenize and check the prompt against the caps and the context."""
         encoded = loaded.tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens)
         prompt_tokens = int(encoded["input_ids"].shape[1])
         cap = self.settings.max_prompt_tokens
@@ -265,6 +349,14 @@ class ModelManager:
                 field="max_new_tokens",
                 limit=loaded.context_length,
             )
+        return encoded, prompt_tokens
+
+    def _complete(
+        self, loaded: LoadedModel, prompt: str, params: SamplingParams, *, add_special_tokens: bool
+    ) -> Completion:
+        from function.generation import run_generation
+
+        encoded, prompt_tokens = self._encode(loaded, prompt, params, add_special_tokens=add_special_tokens)
         params = self._within_deadline(params)
         with self._generate_lock:
             started = time.perf_counter()

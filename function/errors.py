@@ -83,3 +83,9 @@ class RateLimitedError(LLMFunctionError):
     def __init__(self, message: str, *, retry_after: int, limit: str) -> None:
         super().__init__(message, limit=limit)
         self.retry_after = retry_after
+
+
+class StreamingUnavailableError(InvalidRequestError):
+    """`stream: true` where responses are buffered (Lambda): a 400 that says to use the server mode."""
+
+    code = "streaming_unavailable"

@@ -40,6 +40,7 @@ def run_generation(
     encoded: Any,
     params: SamplingParams,
     on_first_token: Callable[[], None] | None = None,
+    streamer: Any = None,
 ) -> tuple[list[str], list[FinishReason], int]:
     """Generate; return continuations (stop strings cut off), finish reasons and tokens produced.
 
@@ -58,6 +59,8 @@ def run_generation(
         extra: dict[str, Any] = {"logits_processor": _bounded_logits()}
         if on_first_token is not None:
             extra["stopping_criteria"] = _first_token_criteria(on_first_token)
+        if streamer is not None:
+            extra["streamer"] = streamer
         output = loaded.model.generate(
             **inputs, generation_config=generation_config(loaded, params), tokenizer=loaded.tokenizer, **extra
         )

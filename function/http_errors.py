@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -20,13 +21,16 @@ from function.errors import (
     ModelNotLoadedError,
     PayloadTooLargeError,
     RateLimitedError,
+    StreamingUnavailableError,
     UnauthorizedError,
 )
+from function.openai_schemas import openai_error
 from function.schemas import ErrorDetail, ErrorInfo, ErrorResponse
 
 logger = logging.getLogger(__name__)
 
-STATUS_BY_ERROR: dict[type[LLMFunctionError], int] = {
+STATUS_BY_ERROR: dict[type[LLMFunctionError], int] = {  # subclasses before their parents: first match wins
+    StreamingUnavailableError: 400,
     InvalidRequestError: 422,
     ContextLengthExceededError: 413,
     ModelNotLoadedError: 503,
@@ -81,36 +85,50 @@ def error_headers(exc: LLMFunctionError, status: int) -> dict[str, str] | None:
     return None
 
 
+def for_route(request: Request, response: JSONResponse) -> JSONResponse:
+    """The OpenAI-compatible routes (/v1/…) answer errors in OpenAI's shape; the others in ours."""
+    if not request.url.path.startswith("/v1/"):
+        return response
+    ours = json.loads(bytes(response.body))["error"]
+    field = ours["details"][0]["field"] if ours["details"] else None
+    body = openai_error(ours["status"], ours["message"], field, ours["code"])
+    headers = {
+        k: v for k, v in response.headers.items() if k.lower() in ("retry-after", "www-authenticate", "allow")
+    }
+    return JSONResponse(status_code=response.status_code, content=body, headers=headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every error, ours or the framework's, leaves as `ErrorResponse`; 500 is kept for bugs."""
 
     @app.exception_handler(LLMFunctionError)
-    async def on_domain_error(_: Request, exc: LLMFunctionError) -> JSONResponse:
+    async def on_domain_error(request: Request, exc: LLMFunctionError) -> JSONResponse:
         status = next((code for kind, code in STATUS_BY_ERROR.items() if isinstance(exc, kind)), 500)
         detail = ErrorDetail(field=exc.field, message=exc.message, limit=exc.limit)
         headers = error_headers(exc, status)
-        return error_response(status, exc.code, exc.message, [detail], headers)
+        return for_route(request, error_response(status, exc.code, exc.message, [detail], headers))
 
     @app.exception_handler(RequestValidationError)
-    async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = list(exc.errors())
         if any(error.get("type") == "json_invalid" for error in errors):
-            return error_response(
-                400,
-                "invalid_json",
-                "the request body is not valid JSON",
-                [ErrorDetail(field="body", message="malformed JSON")],
+            detail = ErrorDetail(field="body", message="malformed JSON")
+            return for_route(
+                request, error_response(400, "invalid_json", "the request body is not valid JSON", [detail])
             )
         details = [_validation_detail(error) for error in errors]
         summary = "; ".join(f"{d.field}: {d.message}" for d in details)
-        return error_response(422, "invalid_request", summary, details)
+        return for_route(request, error_response(422, "invalid_request", summary, details))
 
     @app.exception_handler(StarletteHTTPException)
-    async def on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        return for_route(request, error_response(exc.status_code, code, str(exc.detail), headers=headers))
 
     @app.exception_handler(Exception)
-    async def on_bug(_: Request, exc: Exception) -> JSONResponse:
+    async def on_bug(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error")
-        return error_response(500, "internal_error", "internal error; the server log has the details")
+        return for_route(
+            request, error_response(500, "internal_error", "internal error; the server log has the details")
+        )

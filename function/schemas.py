@@ -32,6 +32,7 @@ Int = Annotated[int, BeforeValidator(_json_number)]  # 3 and 3.0 (JSON Schema's 
 Float = Annotated[float, BeforeValidator(_json_number)]
 Bool = Annotated[bool, Field(strict=True)]
 # Bounds inside the validator, or pydantic writes them to the schema as raw "ge"/"le" keys.
+PositiveInt = Annotated[Annotated[int, Field(ge=1)], BeforeValidator(_json_number)]
 Seed = Annotated[Annotated[int, Field(ge=0, le=2**32 - 1)], BeforeValidator(_json_number)]
 # The schema says "at least one non-whitespace character"; the check uses the same (Python re) semantics.
 _NOT_SPACE = re.compile(r"\S")

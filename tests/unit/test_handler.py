@@ -219,3 +219,30 @@ def test_a_response_over_lambdas_6_mb_becomes_a_413(handler_module: ModuleType) 
     assert refused["statusCode"] == 413
     assert json.loads(refused["body"])["error"]["code"] == "payload_too_large"
     assert len(json.dumps(refused)) < 1024
+
+
+def test_streaming_through_lambda_is_a_clear_400(handler_module: ModuleType) -> None:
+    event = {
+        "path": "/v1/chat/completions",
+        "method": "POST",
+        "body": {"messages": [{"role": "user", "content": "hi"}], "stream": True},
+    }
+
+    response = handler_module.handler(event, LambdaContext())
+
+    assert response["statusCode"] == 400
+    assert "server mode" in response["body"]["error"]["message"]
+    assert response["body"]["error"]["param"] == "stream"
+
+
+def test_openai_routes_answer_through_lambda(handler_module: ModuleType) -> None:
+    event = {
+        "path": "/v1/chat/completions",
+        "method": "POST",
+        "body": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+    }
+
+    response = handler_module.handler(event, LambdaContext())
+
+    assert response["statusCode"] == 200
+    assert response["body"]["object"] == "chat.completion"
