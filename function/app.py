@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Query
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 
 from function import __version__
@@ -20,6 +20,7 @@ from function.engine import ModelManager, get_engine
 from function.http_errors import ERROR_RESPONSES, install_error_handlers
 from function.loading import quantization_from_flags
 from function.middleware import BodySizeLimit, mark_cold_response
+from function.observability import RequestSink, install_observability, record_generation
 from function.openai_routes import build_router as build_openai_router
 from function.ratelimit import RateLimiter
 from function.schemas import (
@@ -47,7 +48,11 @@ def human_size(num_bytes: float) -> str:
     return gigabytes(num_bytes) if num_bytes >= 1024**3 else f"{num_bytes / 1024**2:.2f} MB"
 
 
-def create_app(settings: Settings | None = None, engine: ModelManager | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    engine: ModelManager | None = None,
+    request_sink: RequestSink | None = None,
+) -> FastAPI:
     """Build the API. Without arguments: the process-wide settings and engine (which loads MODEL_PATH)."""
     settings = settings or get_settings()
     engine = engine or get_engine(settings)
@@ -67,6 +72,7 @@ def create_app(settings: Settings | None = None, engine: ModelManager | None = N
     _publish_server_limits(app, settings)
     app.include_router(build_openai_router())
     mark_cold_response(app)
+    install_observability(app, sink=request_sink)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     _add_routes(app)
     return app
@@ -116,9 +122,10 @@ def _add_routes(app: FastAPI) -> None:
         return JSONResponse(status_code=503, content=body.model_dump(), headers={"Retry-After": "5"})
 
     @app.post("/generate", response_model=GenerateResponse, dependencies=[Depends(user_access)])
-    def generate(request: GenerateRequest, engine: EngineDep) -> GenerateResponse:
+    def generate(request: GenerateRequest, engine: EngineDep, http: Request) -> GenerateResponse:
         params = request.sampling_params(engine.settings.max_new_tokens)
         result = engine.generate(request.prompt, params)
+        record_generation(http, result.prompt_tokens, result.completion_tokens, result.generation_time)
         return GenerateResponse(
             generated_text=[request.prompt + text for text in result.continuations],
             prompt=request.prompt,
@@ -129,9 +136,10 @@ def _add_routes(app: FastAPI) -> None:
         )
 
     @app.post("/chat", response_model=ChatResponse, dependencies=[Depends(user_access)])
-    def chat(request: ChatRequest, engine: EngineDep) -> ChatResponse:
+    def chat(request: ChatRequest, engine: EngineDep, http: Request) -> ChatResponse:
         params = request.sampling_params(engine.settings.max_new_tokens)
         result = engine.chat(request.instruction, request.input, params)
+        record_generation(http, result.prompt_tokens, result.completion_tokens, result.generation_time)
         return ChatResponse(
             response=result.continuations[0].strip(),
             instruction=request.instruction,

@@ -32,10 +32,13 @@ if settings.model_path and settings.model_path.startswith("s3://"):
 import base64  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 from urllib.parse import urlencode  # noqa: E402
 
+from aws_lambda_powertools import Logger, Metrics  # noqa: E402
+from aws_lambda_powertools.metrics import MetricUnit  # noqa: E402
 from mangum import Mangum  # noqa: E402
 from starlette.types import ASGIApp, Receive, Scope, Send  # noqa: E402
 
@@ -43,6 +46,7 @@ from function.app import create_app  # noqa: E402
 from function.auth import with_secret_keys  # noqa: E402
 from function.engine import deadline_in, get_engine  # noqa: E402
 from function.loading import import_runtime  # noqa: E402
+from function.observability import NAMESPACE  # noqa: E402
 
 import_runtime()  # torch and transformers' model-loading modules, while the weights download
 IMPORTS_SECONDS = time.perf_counter() - _IMPORTS_STARTED
@@ -74,7 +78,25 @@ engine = get_engine(
         "rss_after_imports_mb": resident_mb(),
     },
 )
-app = create_app(settings, engine)
+powertools_logger = Logger(service="llm-function")
+lambda_metrics = Metrics(namespace=NAMESPACE, service="llm-function")
+warnings.filterwarnings("ignore", message="No application metrics to publish")  # warm pings add none
+
+
+def record_request(entry: dict[str, Any]) -> None:
+    """Each request: one JSON log line through Powertools, and its generation as EMF metrics."""
+    powertools_logger.info("request", extra={key: value for key, value in entry.items() if key != "message"})
+    if "generation_s" in entry:
+        lambda_metrics.add_metric(
+            name="TokensGenerated", unit=MetricUnit.Count, value=entry["completion_tokens"]
+        )
+        lambda_metrics.add_metric(
+            name="GenerationSeconds", unit=MetricUnit.Seconds, value=entry["generation_s"]
+        )
+
+
+app = create_app(settings, engine, request_sink=record_request)
+_cold_start_metrics_pending = True
 
 
 class StageRootPath:
@@ -94,8 +116,30 @@ class StageRootPath:
 asgi_handler = Mangum(StageRootPath(app), lifespan="off")
 
 
+@lambda_metrics.log_metrics(capture_cold_start_metric=True)
+@powertools_logger.inject_lambda_context
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     """Route one Lambda event to the app; see the module docstring for the accepted shapes."""
+    record_cold_start_metrics()
+    return route_event(event, context)
+
+
+def record_cold_start_metrics() -> None:
+    """The start-up phases as metrics, once per environment (with its first invocation)."""
+    global _cold_start_metrics_pending
+    phases = engine.cold_start()
+    if not _cold_start_metrics_pending or phases is None:
+        return
+    _cold_start_metrics_pending = False
+    lambda_metrics.add_metric(name="LoadSeconds", unit=MetricUnit.Seconds, value=phases["load_s"])
+    lambda_metrics.add_metric(name="FetchSeconds", unit=MetricUnit.Seconds, value=phases["fetch_s"])
+    if phases.get("fetch_mb_per_s"):
+        lambda_metrics.add_metric(
+            name="FetchMBps", unit=MetricUnit.MegabytesPerSecond, value=phases["fetch_mb_per_s"]
+        )
+
+
+def route_event(event: dict[str, Any], context: Any) -> dict[str, Any]:
     if is_warmup(event):
         return {"warmup": True, "model_loaded": engine.current is not None}
     if "requestContext" in event:

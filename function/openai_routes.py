@@ -20,6 +20,7 @@ from fastapi.responses import StreamingResponse
 from function.dependencies import EngineDep, user_access
 from function.engine import ModelManager, SamplingParams, StreamEnd
 from function.errors import StreamingUnavailableError
+from function.observability import record_generation
 from function.openai_schemas import (
     OPENAI_ERROR_RESPONSES,
     ChatCompletionRequest,
@@ -66,6 +67,7 @@ def build_router() -> APIRouter:
             _refuse_stream_on_lambda(request)
             return _sse(_choices(engine, body.prompt, params), "text_completion", chat=False)
         result = engine.generate(body.prompt, params)
+        record_generation(request, result.prompt_tokens, result.completion_tokens, result.generation_time)
         return {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
@@ -88,6 +90,7 @@ def build_router() -> APIRouter:
             _refuse_stream_on_lambda(request)
             return _sse(_choices(engine, messages, params), "chat.completion.chunk", chat=True)
         result = engine.chat_messages(messages, params)
+        record_generation(request, result.prompt_tokens, result.completion_tokens, result.generation_time)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",

@@ -114,6 +114,14 @@ ROUTES: list[tuple[str, str, dict[str, Any] | None, str]] = [
     ("GET", "/openapi.json", None, "paths"),
     ("GET", "/docs", None, "swagger"),
     ("GET", "/redoc", None, "redoc"),
+    ("GET", "/v1/models", None, "data"),
+    ("POST", "/v1/completions", {"prompt": "Python", "max_tokens": 8, "temperature": 0}, "choices"),
+    (
+        "POST",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "안녕하세요"}], "max_tokens": 8},
+        "choices",
+    ),
 ]
 
 
@@ -274,3 +282,51 @@ def test_keys_come_from_the_secret_read_at_init(seaweed: SeaweedFS, tmp_path: Pa
     assert without_key["statusCode"] == 401
     assert with_user_key["statusCode"] == 200
     assert load["statusCode"] == 403 and "Redeploy" in load["body"]["error"]["message"]
+
+
+def json_lines(log: str) -> list[dict[str, Any]]:
+    found = []
+    for line in log.splitlines():
+        start = line.find("{")
+        if start < 0:
+            continue
+        try:
+            found.append(json.loads(line[start:]))
+        except ValueError:
+            continue
+    return found
+
+
+def test_powertools_logs_and_emf_metrics(seaweed: SeaweedFS, tmp_path: Path) -> None:
+    function = LambdaEmulator(function_environment(seaweed, tmp_path / "tmp"), tmp_path / "rie.log").start()
+    try:
+        generated = function.invoke({"path": "/generate", "method": "POST", "body": GREEDY_GENERATE})
+        function.invoke({"path": "/health", "method": "GET"})
+        lines = json_lines(function.log())
+    finally:
+        function.stop()
+
+    request_lines = [line for line in lines if line.get("message") == "request"]
+    generate = next(line for line in request_lines if line["route"] == "/generate")
+    assert generate["service"] == "llm-function" and generate["function_request_id"]
+    assert generate["cold_start"] is True and generate["status"] == 200
+    assert generate["completion_tokens"] == generated["body"]["usage"]["completion_tokens"]
+    assert generate["generation_s"] > 0 and generate["request_s"] >= generate["generation_s"]
+    assert next(line for line in request_lines if line["route"] == "/health")["cold_start"] is False
+    cold = next(line for line in lines if line.get("event") == "cold_start")
+    assert cold["fetch_bytes"] > 0 and cold["first_token_s"] > 0
+    emf = [line for line in lines if "_aws" in line]
+    names = {
+        m["Name"] for line in emf for block in line["_aws"]["CloudWatchMetrics"] for m in block["Metrics"]
+    }
+    assert {
+        "ColdStart",
+        "TokensGenerated",
+        "GenerationSeconds",
+        "LoadSeconds",
+        "FetchSeconds",
+        "FetchMBps",
+    } <= names
+    assert all(
+        block["Namespace"] == "LlmFunction" for line in emf for block in line["_aws"]["CloudWatchMetrics"]
+    )

@@ -29,6 +29,8 @@ class LambdaContext:
         self.deadline = time.monotonic() + remaining_ms / 1000
         self.aws_request_id = "test-request"
         self.function_name = "llm-function"
+        self.memory_limit_in_mb = 3008
+        self.invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:llm-function"
 
     def get_remaining_time_in_millis(self) -> int:
         return int((self.deadline - time.monotonic()) * 1000)
