@@ -1,4 +1,4 @@
-"""The command line: `serve` (the original guide's flags), `demo-model` and `test-api`.
+"""The command line: `serve` (the original guide's flags), `demo-model`, `publish-model` and `test-api`.
 
 Argument parsing imports nothing heavy; torch and transformers load only in the command run.
 """
@@ -75,6 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="give the tokenizer a chat template (default: none, so /chat uses the instruction format)",
     )
     demo.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
+    publish = commands.add_parser(
+        "publish-model",
+        help="upload a model directory to S3 with its manifest, and verify it",
+        description="Upload a model directory to s3://bucket/prefix/ with parallel multipart transfers, "
+        "write the manifest (sizes, SHA-256) that cold starts verify, fetch it back to verify, "
+        "and print the MODEL_PATH to deploy with. Pickle files and custom code are refused.",
+    )
+    publish.add_argument("local_dir", help="the trained model directory (config, tokenizer, *.safetensors)")
+    publish.add_argument("s3_uri", help="where to publish: s3://bucket/prefix/")
+    publish.add_argument("--no-progress", action="store_true", help="no progress output")
+
     tester = commands.add_parser(
         "test-api",
         help="check a running server (the guide's test_api.py)",
@@ -87,6 +98,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tester.add_argument("--api-key", default=None, help="API key, sent as X-API-Key")
     return parser
+
+
+def run_publish(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from function.errors import ModelLoadError
+    from function.publish import publish_model
+
+    try:
+        result = publish_model(Path(args.local_dir), args.s3_uri, progress=not args.no_progress)
+    except ModelLoadError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    print(
+        f"published {result.files} files ({result.bytes_total / 1e6:.1f} MB), verified against the manifest"
+    )
+    print(f"MODEL_PATH={result.model_path}")
+    return 0
 
 
 def run_test_api(args: argparse.Namespace) -> int:
@@ -164,6 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_serve(args)
     if args.command == "test-api":
         return run_test_api(args)
+    if args.command == "publish-model":
+        return run_publish(args)
     return run_demo_model(args)
 
 

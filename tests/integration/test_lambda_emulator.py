@@ -330,3 +330,35 @@ def test_powertools_logs_and_emf_metrics(seaweed: SeaweedFS, tmp_path: Path) -> 
     assert all(
         block["Namespace"] == "LlmFunction" for line in emf for block in line["_aws"]["CloudWatchMetrics"]
     )
+
+
+def test_published_model_cold_starts_and_tampering_is_refused(
+    seaweed: SeaweedFS, demo_model_dir: Path, tmp_path: Path
+) -> None:
+    from function.publish import publish_model
+
+    result = publish_model(
+        demo_model_dir, "s3://models/published/final_model/", client=seaweed.client(), progress=False
+    )
+    function = LambdaEmulator(
+        function_environment(seaweed, tmp_path / "tmp", result.model_path), tmp_path / "rie.log"
+    ).start()
+    try:
+        info = function.invoke({"path": "/model_info", "method": "GET"})
+    finally:
+        function.stop()
+    assert info["statusCode"] == 200 and info["body"]["model_path"] == result.model_path
+
+    seaweed.client().put_object(
+        Bucket="models",
+        Key="published/final_model/tokenizer.json",
+        Body=(demo_model_dir / "tokenizer.json").read_bytes()[:-10],
+    )
+    tampered = LambdaEmulator(
+        function_environment(seaweed, tmp_path / "tmp2", result.model_path), tmp_path / "rie2.log"
+    ).start()
+    try:
+        health = tampered.invoke({"path": "/health", "method": "GET"})
+    finally:
+        tampered.stop()
+    assert health["statusCode"] == 503 and "manifest" in health["body"]["reason"]
