@@ -62,6 +62,19 @@ def aws_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
+@pytest.fixture
+def moto_s3(aws_credentials: None) -> Iterator[Any]:
+    """An in-process moto S3 with the buckets the tests use: `models` and `weights`."""
+    import boto3
+    from moto import mock_aws
+
+    with mock_aws():
+        client = boto3.client("s3", region_name="us-east-1")
+        for bucket in ("models", "weights"):
+            client.create_bucket(Bucket=bucket)
+        yield client
+
+
 @pytest.fixture(scope="session")
 def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("models")

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from moto import mock_aws
 
 from function.app import create_app
 from function.engine import ModelManager, SamplingParams
@@ -85,11 +82,8 @@ def test_out_of_memory_during_a_load_keeps_the_old_model(
 
 
 @pytest.fixture
-def s3(aws_credentials: None) -> Iterator[Any]:
-    with mock_aws():
-        client = boto3.client("s3", region_name="us-east-1")
-        client.create_bucket(Bucket="models")
-        yield client
+def s3(moto_s3: Any) -> Any:
+    return moto_s3
 
 
 def test_corrupt_weights_from_s3_are_rejected_and_the_old_model_serves(

@@ -5,13 +5,10 @@ from __future__ import annotations
 import io
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
-from moto import mock_aws
 
 from function.__main__ import main
 from function.errors import ModelLoadError
@@ -21,11 +18,8 @@ from tests.unit.test_fetch import files_of
 
 
 @pytest.fixture
-def s3(aws_credentials: None) -> Iterator[Any]:
-    with mock_aws():
-        client = boto3.client("s3", region_name="us-east-1")
-        client.create_bucket(Bucket="weights")
-        yield client
+def s3(moto_s3: Any) -> Any:
+    return moto_s3
 
 
 def test_publish_then_cold_start_fetch(s3: Any, demo_model_dir: Path, tmp_path: Path) -> None:
