@@ -54,6 +54,11 @@ class Settings(BaseSettings):
         default=Path(tempfile.gettempdir()) / "llm-function" / "models",
         description="Where s3:// models are cached (on Lambda: under /tmp, sized by ephemeral storage).",
     )
+    response_cache_size: int = Field(
+        default=256,
+        ge=0,
+        description="Completions kept for deterministic requests (greedy or seeded); 0 disables.",
+    )
     load_retry_interval_s: float = Field(
         default=5.0,
         ge=0,

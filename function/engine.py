@@ -30,6 +30,7 @@ from function.errors import (
     PayloadTooLargeError,
 )
 from function.loading import LoadedModel, Quantization, load_model, pick_device, quantization_from_flags
+from function.response_cache import ResponseCache
 
 logger = logging.getLogger(__name__)
 
@@ -164,8 +165,12 @@ class ModelManager:
     # Cold-start phases of this process: imports (measured by the entry point), fetch and load of
     # the start-up model, and the first token of the first generation.
     startup_phases: dict[str, Any] = field(default_factory=dict)
+    cache: ResponseCache = field(init=False)
     _cold_start: dict[str, Any] | None = field(default=None, init=False)
     _first_token_pending: bool = field(default=True, init=False)
+
+    def __post_init__(self) -> None:
+        self.cache = ResponseCache(self.settings.response_cache_size)
 
     @property
     def current(self) -> LoadedModel | None:
@@ -226,6 +231,7 @@ class ModelManager:
         try:
             new = load_model(model_path, quantization, self.settings, self.device)
             previous, self._current = self._current, new
+            self.cache.clear()  # answers of the old model must not outlive it
             self._startup_error = None
         finally:
             self._load_lock.release()
@@ -356,6 +362,9 @@ class ModelManager:
     ) -> Completion:
         from function.generation import run_generation
 
+        cache_key = self.cache.key(loaded, prompt, params, add_special_tokens)
+        if cache_key is not None and (cached := self.cache.get(cache_key)) is not None:
+            return replace(cached, generation_time=0.0)
         encoded, prompt_tokens = self._encode(loaded, prompt, params, add_special_tokens=add_special_tokens)
         params = self._within_deadline(params)
         with self._generate_lock:
@@ -363,7 +372,7 @@ class ModelManager:
             on_first_token = self._first_token_recorder(started) if self._first_token_pending else None
             continuations, reasons, produced = run_generation(loaded, encoded, params, on_first_token)
             elapsed = time.perf_counter() - started
-        return Completion(
+        completion = Completion(
             prompt=prompt,
             continuations=continuations,
             finish_reasons=reasons,
@@ -372,6 +381,9 @@ class ModelManager:
             generation_time=round(elapsed, 4),
             model_name=loaded.name,
         )
+        if cache_key is not None:
+            self.cache.put(cache_key, completion)
+        return completion
 
     @staticmethod
     def _within_deadline(params: SamplingParams) -> SamplingParams:

@@ -112,6 +112,7 @@ def make_settings(**overrides: Any) -> Settings:
         # Loads may come from the temp directory the tests build models in.
         "allowed_model_paths": [tempfile.gettempdir()],
         "rate_limit": None,  # off unless a test sets one
+        "response_cache_size": 0,  # determinism tests must generate twice; the cache has tests of its own
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
