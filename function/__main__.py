@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-path",
         dest="model_path",
         default=None,
-        help="model directory; default: MODEL_PATH",
+        help="model directory or s3://bucket/prefix/; default: MODEL_PATH",
     )
     serve.add_argument("--host", default="0.0.0.0", help="bind address (default: 0.0.0.0)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")

@@ -10,6 +10,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from function.auth import presented_key, require_admin, require_user
 from function.config import Settings
 from function.engine import ModelManager
+from function.errors import UnauthorizedError
 from function.ratelimit import RateLimiter
 
 api_key_scheme = APIKeyHeader(
@@ -31,10 +32,16 @@ EngineDep = Annotated[ModelManager, Depends(get_manager)]
 def _admit(request: Request, x_api_key: str | None, *, admin: bool) -> None:
     settings: Settings = request.app.state.settings
     key = presented_key(x_api_key, request.headers.get("authorization"))
-    (require_admin if admin else require_user)(settings, key)
     limiter: RateLimiter | None = request.app.state.rate_limiter
+    client = request.client.host if request.client else None
+    try:
+        (require_admin if admin else require_user)(settings, key)
+    except UnauthorizedError:
+        if limiter is not None:  # failed keys count against the client's address: no free guessing
+            limiter.hit(None, client)
+        raise
     if limiter is not None:
-        limiter.hit(key, request.client.host if request.client else None)
+        limiter.hit(key, client)
 
 
 def user_access(request: Request, x_api_key: ApiKeyHeader = None, _bearer: BearerToken = None) -> None:

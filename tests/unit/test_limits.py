@@ -83,6 +83,14 @@ def test_rate_limit_per_key_with_retry_after(demo_model_dir: Path) -> None:
     assert all(client.get("/health").status_code == 200 for _ in range(5))  # probes are never limited
 
 
+def test_wrong_keys_are_rate_limited_by_client_address(demo_model_dir: Path) -> None:
+    client = client_for(demo_model_dir, rate_limit="2/minute", api_keys=["right-key"])
+
+    statuses = [client.get("/model_info", headers={"X-API-Key": f"guess-{i}"}).status_code for i in range(3)]
+
+    assert statuses == [401, 401, 429]
+
+
 def test_rate_limit_by_client_address_when_open(demo_model_dir: Path) -> None:
     client = client_for(demo_model_dir, rate_limit="2/minute")
 
