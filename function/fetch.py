@@ -267,15 +267,18 @@ class ModelFetcher:
             )
 
     def _remove_leftovers(self, keep: Path) -> None:
-        """Partial files, and every cached model but this version, go first."""
+        """Partial downloads and older versions of this prefix go first; other models' complete caches stay
+        (a failed load of another model must not cost the serving one its cache)."""
         if not self.cache_root.is_dir():
             return
+        same_prefix = keep.name.split("-", 1)[0] + "-"
         for entry in self.cache_root.iterdir():
-            if entry != keep:
-                if entry.is_dir():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    entry.unlink(missing_ok=True)
+            if entry == keep:
+                continue
+            if not entry.is_dir():
+                entry.unlink(missing_ok=True)
+            elif entry.name.startswith(same_prefix) or not (entry / COMPLETE_MARKER).is_file():
+                shutil.rmtree(entry, ignore_errors=True)
         if keep.is_dir():
             for part in keep.rglob("*.part"):
                 part.unlink(missing_ok=True)

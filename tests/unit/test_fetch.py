@@ -308,3 +308,20 @@ def test_an_unreachable_s3_gives_a_clear_reason(
 
     assert "could not be reached" in error.value.message
     assert leftovers(tmp_path / "cache") == []
+
+
+def test_another_models_complete_cache_is_kept(s3: Any, demo_model_dir: Path, tmp_path: Path) -> None:
+    # GIVEN model A cached, and a partial download of some other model left behind
+    upload_model(s3, BUCKET, "a/", demo_model_dir)
+    upload_model(s3, BUCKET, "b/", demo_model_dir)
+    cache = tmp_path / "cache"
+    first = ModelFetcher(cache, s3).fetch(f"s3://{BUCKET}/a/")
+    (cache / "0123456789ab-partial").mkdir()
+
+    # WHEN model B is fetched
+    second = ModelFetcher(cache, s3).fetch(f"s3://{BUCKET}/b/")
+
+    # THEN A's verified cache stays (a reload of A downloads nothing) and the partial one is gone
+    assert (first.local_dir / COMPLETE_MARKER).is_file() and second.local_dir != first.local_dir
+    assert not (cache / "0123456789ab-partial").exists()
+    assert ModelFetcher(cache, s3).fetch(f"s3://{BUCKET}/a/").from_cache
