@@ -125,14 +125,22 @@ def _refuse_stream_on_lambda(request: Request) -> None:
 def _choices(
     engine: ModelManager, prompt: str | list[dict[str, str]], params: SamplingParams
 ) -> Iterator[tuple[int, str | StreamEnd]]:
-    """n streamed choices, one after another (choice i uses seed + i, so each is reproducible)."""
+    """n streamed choices, one after another (choice i uses seed + i, so each is reproducible).
+
+    Not a generator itself: the first stream is created here, so a bad request (limits, context)
+    fails with a clean error before the response starts.
+    """
     single = replace(params, num_return_sequences=1)
-    first = engine.stream(prompt, single)  # validates (and fails) before the response starts
-    for index in range(params.num_return_sequences):
-        seed = None if params.seed is None else params.seed + index
-        events = first if index == 0 else engine.stream(prompt, replace(single, seed=seed))
-        for event in events:
-            yield index, event
+    first = engine.stream(prompt, single)
+
+    def events() -> Iterator[tuple[int, str | StreamEnd]]:
+        for index in range(params.num_return_sequences):
+            seed = None if params.seed is None else params.seed + index
+            choice = first if index == 0 else engine.stream(prompt, replace(single, seed=seed))
+            for event in choice:
+                yield index, event
+
+    return events()
 
 
 def _sse(events: Iterator[tuple[int, str | StreamEnd]], kind: str, *, chat: bool) -> StreamingResponse:

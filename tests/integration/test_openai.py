@@ -119,3 +119,12 @@ def test_errors_use_openais_shape(client: openai.OpenAI, server: str) -> None:
     assert (
         isinstance(body, dict) and body["type"] == "invalid_request_error" and body["param"] == "temperature"
     )
+
+
+def test_a_bad_streaming_request_fails_before_the_stream_starts(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.APIStatusError) as too_long:
+        client.completions.create(model="m", prompt="Python " * 3000, max_tokens=4, stream=True)
+
+    assert too_long.value.status_code == 413
+    body = too_long.value.body
+    assert isinstance(body, dict) and body["code"] == "context_length_exceeded"
