@@ -146,20 +146,37 @@ def route_event(event: dict[str, Any], context: Any) -> dict[str, Any]:
         with deadline_in(generation_budget(event, context)):
             return within_payload_limit(asgi_handler(event, context), direct=False)
     if isinstance(event.get("path"), str):
+        malformed = next(
+            (
+                name
+                for name, kind in (("method", str), ("headers", dict), ("query", dict))
+                if event.get(name) is not None and not isinstance(event[name], kind)
+            ),
+            None,
+        )
+        if malformed is not None:
+            return bad_event(
+                f"direct payload: {malformed} must be a JSON "
+                f"{'string' if malformed == 'method' else 'object'}",
+                malformed,
+            )
         with deadline_in(generation_budget(event, context)):
             return within_payload_limit(invoke_direct(event, context), direct=True)
+    return bad_event(
+        "unsupported event: send an API Gateway, Function URL or ALB event, a direct payload "
+        '{"path", "method", "body", "headers", "query"}, or {"warmup": true}',
+        None,
+    )
+
+
+def bad_event(message: str, field: str | None) -> dict[str, Any]:
+    """An event the handler can't route: a 400 in the one error shape."""
+    details = [{"field": field, "message": message, "limit": None}] if field else []
     return {
         "statusCode": 400,
         "headers": {"content-type": "application/json"},
         "body": {
-            "error": {
-                "code": "unsupported_event",
-                "status": 400,
-                "details": [],
-                "message": "unsupported event: send an API Gateway, Function URL or ALB event, a direct "
-                'payload {"path", "method", "body", "headers", "query"}, or '
-                '{"warmup": true}',
-            }
+            "error": {"code": "unsupported_event", "status": 400, "message": message, "details": details}
         },
     }
 

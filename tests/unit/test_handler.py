@@ -248,3 +248,20 @@ def test_openai_routes_answer_through_lambda(handler_module: ModuleType) -> None
 
     assert response["statusCode"] == 200
     assert response["body"]["object"] == "chat.completion"
+
+
+@pytest.mark.parametrize(
+    ("event", "field"),
+    [
+        ({"path": "/generate", "method": "POST", "headers": "x"}, "headers"),
+        ({"path": "/load_model", "method": "POST", "query": ["model_path"]}, "query"),
+        ({"path": "/health", "method": 7}, "method"),
+    ],
+)
+def test_malformed_direct_payloads_get_a_400_naming_the_field(
+    handler_module: ModuleType, event: dict[str, Any], field: str
+) -> None:
+    response = handler_module.handler(event, LambdaContext())
+
+    assert response["statusCode"] == 400
+    assert response["body"]["error"]["details"][0]["field"] == field
