@@ -125,7 +125,9 @@ def _add_routes(app: FastAPI) -> None:
     def generate(request: GenerateRequest, engine: EngineDep, http: Request) -> GenerateResponse:
         params = request.sampling_params(engine.settings.max_new_tokens)
         result = engine.generate(request.prompt, params)
-        record_generation(http, result.prompt_tokens, result.completion_tokens, result.generation_time)
+        record_generation(
+            http, result.prompt_tokens, result.completion_tokens, result.generation_time, result.batch_size
+        )
         return GenerateResponse(
             generated_text=[request.prompt + text for text in result.continuations],
             prompt=request.prompt,
@@ -139,7 +141,9 @@ def _add_routes(app: FastAPI) -> None:
     def chat(request: ChatRequest, engine: EngineDep, http: Request) -> ChatResponse:
         params = request.sampling_params(engine.settings.max_new_tokens)
         result = engine.chat(request.instruction, request.input, params)
-        record_generation(http, result.prompt_tokens, result.completion_tokens, result.generation_time)
+        record_generation(
+            http, result.prompt_tokens, result.completion_tokens, result.generation_time, result.batch_size
+        )
         return ChatResponse(
             response=result.continuations[0].strip(),
             instruction=request.instruction,

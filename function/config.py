@@ -59,6 +59,24 @@ class Settings(BaseSettings):
         ge=0,
         description="Completions kept for deterministic requests (greedy or seeded); 0 disables.",
     )
+    batch_max_size: int = Field(
+        default=8,
+        ge=1,
+        description="Server mode: concurrent /generate and /chat requests generated together, at most this "
+        "many per batch; 1 disables micro-batching. Always off on Lambda (one request per environment).",
+    )
+    batch_window_ms: float = Field(
+        default=10.0,
+        ge=0,
+        le=1000,
+        description="How long the first request of a batch waits for others to join it.",
+    )
+    batch_reduced_precision: bool = Field(
+        default=False,
+        description="Batch greedy requests on bf16/fp16, quantized or GPU models too. Off by default: there "
+        "rounding depends on the batch's shape, and a greedy answer could differ from the unbatched one "
+        "where two tokens nearly tie. Sampled requests without a seed batch regardless.",
+    )
     load_retry_interval_s: float = Field(
         default=5.0,
         ge=0,

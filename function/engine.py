@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from function.allowlist import check_model_path, default_allowed_paths
+from function.batching import MicroBatcher, batch_key
 from function.config import Settings
 from function.errors import (
     ContextLengthExceededError,
@@ -35,6 +36,8 @@ from function.response_cache import ResponseCache
 logger = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length", "time"]
+# Continuations (stop strings cut off), their finish reasons, and the tokens produced.
+GenerationResult = tuple[list[str], list[FinishReason], int]
 MIN_GENERATION_SECONDS = 0.05
 # Below this, sampling is argmax in all but name, and dividing logits by it overflows: decode greedily.
 GREEDY_TEMPERATURE = 1e-5
@@ -86,6 +89,7 @@ class Completion:
     completion_tokens: int
     generation_time: float
     model_name: str
+    batch_size: int = 1  # requests that shared this one's `generate` call (micro-batching)
 
 
 @dataclass(frozen=True)
@@ -157,8 +161,8 @@ class ModelManager:
     device: str = field(default_factory=pick_device)
     _current: LoadedModel | None = field(default=None, init=False)
     _load_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
-    # One generation at a time per process: seeds are reproducible and CPU threads are not
-    # oversubscribed. Concurrent requests queue here, each on its own snapshot.
+    # One `generate` call at a time per process (a batch counts as one): seeds are reproducible
+    # and CPU threads are not oversubscribed. Concurrent requests queue here, or in the batcher.
     _generate_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     _startup_error: str | None = field(default=None, init=False)
     _last_startup_attempt: float | None = field(default=None, init=False)
@@ -166,11 +170,20 @@ class ModelManager:
     # the start-up model, and the first token of the first generation.
     startup_phases: dict[str, Any] = field(default_factory=dict)
     cache: ResponseCache = field(init=False)
+    # Server mode: groups concurrent requests into one `generate` call. None on Lambda (one request
+    # per execution environment) and with BATCH_MAX_SIZE=1.
+    batcher: MicroBatcher[tuple[GenerationResult, float]] | None = field(default=None, init=False)
     _cold_start: dict[str, Any] | None = field(default=None, init=False)
     _first_token_pending: bool = field(default=True, init=False)
 
     def __post_init__(self) -> None:
         self.cache = ResponseCache(self.settings.response_cache_size)
+        if self.settings.batch_max_size > 1 and not self.settings.on_lambda:
+            self.batcher = MicroBatcher(
+                self._run_group,
+                max_size=self.settings.batch_max_size,
+                window_s=self.settings.batch_window_ms / 1000,
+            )
 
     @property
     def current(self) -> LoadedModel | None:
@@ -360,18 +373,21 @@ class ModelManager:
     def _complete(
         self, loaded: LoadedModel, prompt: str, params: SamplingParams, *, add_special_tokens: bool
     ) -> Completion:
-        from function.generation import run_generation
-
         cache_key = self.cache.key(loaded, prompt, params, add_special_tokens)
         if cache_key is not None and (cached := self.cache.get(cache_key)) is not None:
             return replace(cached, generation_time=0.0)
         encoded, prompt_tokens = self._encode(loaded, prompt, params, add_special_tokens=add_special_tokens)
         params = self._within_deadline(params)
-        with self._generate_lock:
-            started = time.perf_counter()
-            on_first_token = self._first_token_recorder(started) if self._first_token_pending else None
-            continuations, reasons, produced = run_generation(loaded, encoded, params, on_first_token)
-            elapsed = time.perf_counter() - started
+        if self.batcher is None:
+            ((continuations, reasons, produced), elapsed), batch_size = (
+                self._run_group(loaded, [(encoded, params)])[0],
+                1,
+            )
+        else:
+            key = batch_key(loaded, params, reduced_precision=self.settings.batch_reduced_precision)
+            ((continuations, reasons, produced), elapsed), batch_size = self.batcher.submit(
+                loaded, encoded, params, key
+            )
         completion = Completion(
             prompt=prompt,
             continuations=continuations,
@@ -380,10 +396,25 @@ class ModelManager:
             completion_tokens=produced,
             generation_time=round(elapsed, 4),
             model_name=loaded.name,
+            batch_size=batch_size,
         )
         if cache_key is not None:
             self.cache.put(cache_key, completion)
         return completion
+
+    def _run_group(
+        self, loaded: LoadedModel, items: list[tuple[Any, SamplingParams]]
+    ) -> list[tuple[GenerationResult, float]]:
+        """One `generate` call for prompts that share their sampling parameters (see batching.batch_key):
+        each prompt's result, with the call's seconds."""
+        from function.generation import run_batch
+
+        with self._generate_lock:
+            started = time.perf_counter()
+            on_first_token = self._first_token_recorder(started) if self._first_token_pending else None
+            results = run_batch(loaded, items, on_first_token)
+            elapsed = time.perf_counter() - started
+        return [(result, elapsed) for result in results]
 
     @staticmethod
     def _within_deadline(params: SamplingParams) -> SamplingParams:

@@ -7,21 +7,24 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from function.engine import FinishReason, SamplingParams
+    from function.engine import FinishReason, GenerationResult, SamplingParams
     from function.loading import LoadedModel
 
 
-def generation_config(loaded: LoadedModel, params: SamplingParams) -> Any:
-    """A complete GenerationConfig: nothing is inherited from the checkpoint's defaults by accident."""
+def generation_config(loaded: LoadedModel, params: SamplingParams, max_new_tokens: int | None = None) -> Any:
+    """A complete GenerationConfig: nothing is inherited from the checkpoint's defaults by accident.
+
+    The repetition penalty is not in it: `PaddingAwareRepetitionPenalty` applies it (see run_batch).
+    """
     from transformers import GenerationConfig
 
     tokenizer = loaded.tokenizer
     options: dict[str, Any] = {
-        "max_new_tokens": params.max_new_tokens,
-        # Greedy sequences would be identical: generate one and copy it (see run_generation).
+        "max_new_tokens": params.max_new_tokens if max_new_tokens is None else max_new_tokens,
+        # Greedy sequences would be identical: generate one and copy it (see run_batch).
         "num_return_sequences": 1 if params.greedy else params.num_return_sequences,
-        "repetition_penalty": params.repetition_penalty,
-        "pad_token_id": tokenizer.pad_token_id,
+        "repetition_penalty": 1.0,
+        "pad_token_id": pad_token_id(loaded),
         "eos_token_id": sorted(eos_token_ids(loaded)) or None,
         "bos_token_id": tokenizer.bos_token_id,
         "do_sample": not params.greedy,
@@ -41,45 +44,88 @@ def run_generation(
     params: SamplingParams,
     on_first_token: Callable[[], None] | None = None,
     streamer: Any = None,
-) -> tuple[list[str], list[FinishReason], int]:
-    """Generate; return continuations (stop strings cut off), finish reasons and tokens produced.
+) -> GenerationResult:
+    """Generate for one prompt: a batch of one, through the same code as a batch of many."""
+    return run_batch(loaded, [(encoded, params)], on_first_token, streamer=streamer)[0]
 
+
+def run_batch(
+    loaded: LoadedModel,
+    items: list[tuple[Any, SamplingParams]],
+    on_first_token: Callable[[], None] | None = None,
+    streamer: Any = None,
+) -> list[GenerationResult]:
+    """One `generate` call for several tokenized prompts that share their sampling parameters
+    (all but `max_new_tokens`, which each row keeps as its own limit).
+
+    Prompts are padded on the left and masked; the repetition penalty ignores each row's padding.
     `on_first_token` is called once, right after the first new token exists (cold-start timing).
     """
     import torch
+    from transformers import LogitsProcessorList, StoppingCriteriaList
 
-    if not params.greedy:
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
+    group = items[0][1]
+    if not group.greedy:
+        if group.seed is not None:
+            torch.manual_seed(group.seed)
         else:
             torch.seed()  # an earlier seeded request must not make this one predictable
-    inputs = {name: tensor.to(loaded.device) for name, tensor in encoded.items()}
+    copies = 1 if group.greedy else group.num_return_sequences
+    prompts = [encoded["input_ids"][0].tolist() for encoded, _ in items]
+    width = max(len(ids) for ids in prompts)
+    pad_id = pad_token_id(loaded)
+    pads = [width - len(ids) for ids in prompts]
+    input_ids = torch.tensor([[pad_id] * pad + ids for pad, ids in zip(pads, prompts, strict=True)])
+    attention_mask = torch.tensor(
+        [[0] * pad + [1] * len(ids) for pad, ids in zip(pads, prompts, strict=True)]
+    )
+    limits = [params.max_new_tokens for _, params in items]
+    # The rows as generate lays them out: each prompt's `copies` samples next to each other.
+    row_pads = [pad for pad in pads for _ in range(copies)]
+    row_limits = [limit for limit in limits for _ in range(copies)]
+
+    processors: list[Any] = []
+    if group.repetition_penalty != 1.0:
+        processors.append(_repetition_penalty(group.repetition_penalty, row_pads))
+    processors.append(_bounded_logits())
+    criteria: list[Any] = []
+    if len(set(limits)) > 1:
+        criteria.append(_row_limits(width, row_limits))
+    if on_first_token is not None:
+        criteria.append(_first_token_criteria(on_first_token))
+    extra: dict[str, Any] = {}
+    if criteria:
+        extra["stopping_criteria"] = StoppingCriteriaList(criteria)
+    if streamer is not None:
+        extra["streamer"] = streamer
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # bitsandbytes warns about input casts on every call
-        extra: dict[str, Any] = {"logits_processor": _bounded_logits()}
-        if on_first_token is not None:
-            extra["stopping_criteria"] = _first_token_criteria(on_first_token)
-        if streamer is not None:
-            extra["streamer"] = streamer
         output = loaded.model.generate(
-            **inputs, generation_config=generation_config(loaded, params), tokenizer=loaded.tokenizer, **extra
+            input_ids=input_ids.to(loaded.device),
+            attention_mask=attention_mask.to(loaded.device),
+            generation_config=generation_config(loaded, group, max_new_tokens=max(limits)),
+            tokenizer=loaded.tokenizer,
+            logits_processor=LogitsProcessorList(processors),
+            **extra,
         )
-    prompt_ids = encoded["input_ids"][0].tolist()
-    prompt_len = len(prompt_ids)
-    continuations: list[str] = []
-    reasons: list[FinishReason] = []
-    produced = 0
+    rows = output.tolist()
     eos_ids = eos_token_ids(loaded)
-    for row in output.tolist():
-        new_ids = row[prompt_len:]
-        text, reason, count = _finish(loaded.tokenizer, eos_ids, prompt_ids, new_ids, params)
-        continuations.append(text)
-        reasons.append(reason)
-        produced += count
-    if params.greedy and params.num_return_sequences > 1:
-        copies = params.num_return_sequences
-        return continuations * copies, reasons * copies, produced * copies
-    return continuations, reasons, produced
+    results: list[GenerationResult] = []
+    for index, (prompt_ids, (_, params)) in enumerate(zip(prompts, items, strict=True)):
+        continuations: list[str] = []
+        reasons: list[FinishReason] = []
+        produced = 0
+        for row in rows[index * copies : (index + 1) * copies]:
+            new_ids = row[width : width + params.max_new_tokens]
+            text, reason, count = _finish(loaded.tokenizer, eos_ids, prompt_ids, new_ids, params)
+            continuations.append(text)
+            reasons.append(reason)
+            produced += count
+        if params.greedy and params.num_return_sequences > 1:
+            n = params.num_return_sequences
+            continuations, reasons, produced = continuations * n, reasons * n, produced * n
+        results.append((continuations, reasons, produced))
+    return results
 
 
 LOGIT_BOUND = 1e4  # far beyond any real model's logits; keeps extreme penalties finite
@@ -88,26 +134,65 @@ LOGIT_BOUND = 1e4  # far beyond any real model's logits; keeps extreme penalties
 def _bounded_logits() -> Any:
     """After the repetition penalty, before temperature: logits stay finite (a penalty of 1e-300 is valid)."""
     import torch
-    from transformers import LogitsProcessor, LogitsProcessorList
+    from transformers import LogitsProcessor
 
     class BoundedLogits(LogitsProcessor):
         def __call__(self, input_ids: Any, scores: Any) -> Any:
             return torch.nan_to_num(scores, nan=-LOGIT_BOUND).clamp(-LOGIT_BOUND, LOGIT_BOUND)
 
-    return LogitsProcessorList([BoundedLogits()])
+    return BoundedLogits()
+
+
+def _repetition_penalty(penalty: float, row_pads: list[int]) -> Any:
+    """transformers' repetition penalty (CTRL's), blind to each row's left padding: a padded row is
+    penalized exactly as the same prompt alone would be."""
+    import torch
+    from transformers import LogitsProcessor
+
+    class PaddingAwareRepetitionPenalty(LogitsProcessor):
+        def __init__(self) -> None:
+            self.pads = torch.tensor(row_pads)
+
+        def __call__(self, input_ids: Any, scores: Any) -> Any:
+            vocab = scores.shape[-1]
+            pads = self.pads.to(input_ids.device)
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            # Padding (and ids beyond the output vocabulary) point at one extra column, dropped below.
+            ids = input_ids.clamp(max=vocab).masked_fill(positions[None, :] < pads[:, None], vocab)
+            widened = torch.nn.functional.pad(scores, (0, 1))
+            score = torch.gather(widened, 1, ids)
+            score = torch.where(score < 0, score * penalty, score / penalty)
+            return widened.scatter(1, ids, score)[..., :vocab]
+
+    return PaddingAwareRepetitionPenalty()
+
+
+def _row_limits(prompt_width: int, row_limits: list[int]) -> Any:
+    """Each row stops at its own max_new_tokens (the batch runs to the largest)."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class RowLimits(StoppingCriteria):
+        def __init__(self) -> None:
+            self.limits = torch.tensor(row_limits)
+
+        def __call__(self, input_ids: Any, scores: Any, **_: Any) -> Any:
+            return (input_ids.shape[1] - prompt_width) >= self.limits.to(input_ids.device)
+
+    return RowLimits()
 
 
 def _first_token_criteria(callback: Callable[[], None]) -> Any:
     """A stopping criterion that never stops: transformers calls it after each new token."""
     import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers import StoppingCriteria
 
     class FirstToken(StoppingCriteria):
         def __call__(self, input_ids: Any, scores: Any, **_: Any) -> Any:
             callback()
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
-    return StoppingCriteriaList([FirstToken()])
+    return FirstToken()
 
 
 def _finish(
@@ -121,18 +206,18 @@ def _finish(
             hit_eos = True
             break
         content.append(token)
-    produced = len(content) + (1 if hit_eos else 0)
-    if not hit_eos and pad_id is not None:
-        # Rows that stopped early (a stop string in another row) are padded to the longest.
-        while content and content[-1] == pad_id and pad_id not in eos_ids:
+    if not hit_eos and pad_id is not None and pad_id not in eos_ids:
+        # A row that finished before the others of its batch (a stop string) is filled with padding.
+        while content and content[-1] == pad_id:
             content.pop()
-        produced = len(content)
     text = decode_continuation(tokenizer, prompt_ids, content)
     cut = _first_stop(text, params.stop)
     if cut is not None:
-        return text[:cut], "stop", produced
+        # A stop string ends a row at once: an end token after it can only be a finished row's filler.
+        return text[:cut], "stop", len(content)
     if hit_eos:
-        return text, "stop", produced
+        return text, "stop", len(content) + 1
+    produced = len(content)
     if produced >= params.max_new_tokens or params.max_time is None:
         return text, "length", produced
     return text, "time", produced
@@ -150,6 +235,15 @@ def decode_continuation(tokenizer: Any, prompt_ids: list[int], new_ids: list[int
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
     positions = [index for stop in stops if (index := text.find(stop)) >= 0]
     return min(positions) if positions else None
+
+
+def pad_token_id(loaded: LoadedModel) -> int:
+    """The id that fills finished rows and left-pads short prompts: the tokenizer's pad, else an end token."""
+    pad = loaded.tokenizer.pad_token_id
+    if pad is None:
+        eos = sorted(eos_token_ids(loaded))
+        pad = eos[0] if eos else 0
+    return int(pad)
 
 
 def eos_token_ids(loaded: LoadedModel) -> set[int]:

@@ -45,12 +45,15 @@ def request_logger() -> logging.Logger:
     return logger
 
 
-def record_generation(request: Request, prompt_tokens: int, completion_tokens: int, seconds: float) -> None:
+def record_generation(
+    request: Request, prompt_tokens: int, completion_tokens: int, seconds: float, batch_size: int = 1
+) -> None:
     """Routes call this so the request's log line and metrics carry the generation's figures."""
     request.state.generation = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "generation_s": round(seconds, 4),
+        "batch_size": batch_size,
     }
 
 
@@ -80,6 +83,12 @@ class PrometheusMetrics:
             "llm_generation_seconds", "Generation time", ["route"], registry=self.registry
         )
         self.tokens = Counter("llm_tokens", "Tokens by kind", ["kind"], registry=self.registry)
+        self.batch_size = Histogram(
+            "llm_batch_size",
+            "Requests that shared a generate call (micro-batching), per request",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=self.registry,
+        )
 
     def observe(self, entry: dict[str, Any]) -> None:
         self.requests.labels(entry["route"], str(entry["status"])).inc()
@@ -88,6 +97,7 @@ class PrometheusMetrics:
             self.generation_seconds.labels(entry["route"]).observe(entry["generation_s"])
             self.tokens.labels("prompt").inc(entry["prompt_tokens"])
             self.tokens.labels("completion").inc(entry["completion_tokens"])
+            self.batch_size.observe(entry.get("batch_size", 1))
 
     def exposition(self) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

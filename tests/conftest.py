@@ -45,6 +45,10 @@ def _no_service_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         "MAX_PROMPT_TOKENS",
         "RATE_LIMIT",
         "AWS_LAMBDA_FUNCTION_NAME",
+        "RESPONSE_CACHE_SIZE",
+        "BATCH_MAX_SIZE",
+        "BATCH_WINDOW_MS",
+        "BATCH_REDUCED_PRECISION",
     ):
         monkeypatch.delenv(name, raising=False)
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -204,3 +205,38 @@ def test_make_serve_builds_and_serves_the_demo_model(tmp_path: Path) -> None:
 
     assert health["model_name"] == "quickstart_demo"
     assert (demo / "model.safetensors").is_file()
+
+
+def test_concurrent_requests_share_a_batch_and_get_the_answers_they_get_alone(
+    cli_server: str, demo_model_dir: Path
+) -> None:
+    # GIVEN the answers of a server that handles the requests one at a time
+    prompts = ["Hello", "머신러닝이란 무엇인가요?", "The quick brown fox jumps", "a"]
+    bodies = [{"prompt": prompt, "max_new_tokens": 12, "temperature": 0} for prompt in prompts]
+    alone = [requests.post(f"{cli_server}/generate", json=body, timeout=60).json() for body in bodies]
+    # AND a server whose batches wait for four requests
+    port = free_port()
+    process = start(
+        serve_command(demo_model_dir, port), env={"BATCH_MAX_SIZE": "4", "BATCH_WINDOW_MS": "1000"}
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base_url, process)
+
+        # WHEN the four arrive together
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            together = list(
+                pool.map(
+                    lambda body: requests.post(f"{base_url}/generate", json=body, timeout=60).json(), bodies
+                )
+            )
+        metrics = requests.get(f"{base_url}/metrics", timeout=10).text
+    finally:
+        stop(process)
+
+    # THEN each gets the text and usage it gets alone, from one generate call of four
+    for batched, single in zip(together, alone, strict=True):
+        assert batched["generated_text"] == single["generated_text"]
+        assert batched["usage"] == single["usage"]
+    assert "llm_batch_size_count 4.0" in metrics
+    assert "llm_batch_size_sum 16.0" in metrics

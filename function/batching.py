@@ -1,0 +1,162 @@
+"""Micro-batching for server mode: concurrent requests that can share a `generate` call get one.
+
+Callers block in `submit` while one worker thread collects requests for a short window (from the
+first one's arrival) or until a batch is full, groups them by `batch_key`, and runs each group
+through the engine's runner. A request that can't share (a seeded sample, a time budget, a
+greedy request on a model whose rounding depends on the batch) gets a key of its own and runs
+alone, in arrival order with the rest. A batch that fails is retried one request at a time, so
+one request's failure (or a batch too big for memory) is never another's.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from function.engine import SamplingParams
+    from function.loading import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+Result = TypeVar("Result")
+# Runs one group on one model: the encoded prompts with their parameters, one result each.
+Runner = Callable[["LoadedModel", list[tuple[Any, "SamplingParams"]]], list[Result]]
+
+
+def exact_batching(loaded: LoadedModel) -> bool:
+    """Whether batching leaves greedy answers unchanged on this model: float32 on the CPU, unquantized.
+
+    Measured (tests/unit/test_batching.py, and `make bench` on the 100M model): there a row's
+    arithmetic does not depend on the rows beside it or on its padding. In bf16 and on CUDA
+    kernels the rounding follows the batch's shape, and near-ties can flip.
+    """
+    return loaded.device == "cpu" and loaded.dtype == "float32" and loaded.quantization == "none"
+
+
+def batch_key(loaded: LoadedModel, params: SamplingParams, *, reduced_precision: bool) -> Hashable | None:
+    """Requests with equal keys can share a `generate` call; None runs alone."""
+    if params.max_time is not None:
+        return None  # a time budget is per request
+    if params.greedy:
+        if not (reduced_precision or exact_batching(loaded)):
+            return None
+        # Greedy rows ignore temperature, top_p, top_k and the seed; n is a copy of one row.
+        return id(loaded), "greedy", params.repetition_penalty, params.stop
+    if params.seed is not None:
+        return None  # a seed's random stream belongs to its request alone
+    return (
+        id(loaded),
+        "sample",
+        params.temperature,
+        params.top_p,
+        params.top_k,
+        params.repetition_penalty,
+        params.stop,
+        params.num_return_sequences,
+    )
+
+
+@dataclass
+class _Job(Generic[Result]):
+    key: Hashable | None
+    loaded: LoadedModel
+    encoded: Any
+    params: SamplingParams
+    arrived: float = field(default_factory=time.monotonic)
+    future: Future[tuple[Result, int]] = field(default_factory=Future)
+
+
+class MicroBatcher(Generic[Result]):
+    """One worker thread; `submit` returns (the runner's result for this request, the batch's size)."""
+
+    def __init__(self, runner: Runner[Result], *, max_size: int, window_s: float) -> None:
+        self.runner = runner
+        self.max_size = max_size
+        self.window_s = window_s
+        self.batch_sizes: Counter[int] = Counter()  # how many batches ran with each size
+        self._queue: queue.Queue[_Job[Result] | None] = queue.Queue()
+        self._worker: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def submit(
+        self, loaded: LoadedModel, encoded: Any, params: SamplingParams, key: Hashable | None
+    ) -> tuple[Result, int]:
+        job: _Job[Result] = _Job(key, loaded, encoded, params)
+        self._ensure_worker()
+        self._queue.put(job)
+        return job.future.result()
+
+    def close(self) -> None:
+        """Stop the worker once the requests already queued have run."""
+        with self._start_lock:
+            if self._worker is not None:
+                self._queue.put(None)
+                self._worker.join()
+                self._worker = None
+
+    def _ensure_worker(self) -> None:
+        with self._start_lock:
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._loop, name="micro-batcher", daemon=True)
+                self._worker.start()
+
+    def _loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            jobs, stop = self._collect(first)
+            for group in self._groups(jobs):
+                self._run(group)
+            if stop:
+                return
+
+    def _collect(self, first: _Job[Result]) -> tuple[list[_Job[Result]], bool]:
+        """The first job and those that arrive before its window closes, until its group is full."""
+        jobs = [first]
+        if first.key is None:
+            return jobs, False  # it runs alone: no reason to wait
+        close_at = first.arrived + self.window_s
+        while sum(job.key == first.key for job in jobs) < self.max_size:
+            left = close_at - time.monotonic()
+            try:
+                job = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                return jobs, True
+            jobs.append(job)
+        return jobs, False
+
+    def _groups(self, jobs: list[_Job[Result]]) -> list[list[_Job[Result]]]:
+        """Jobs by key (one without a key alone), in order of first arrival, cut to the size cap."""
+        by_key: dict[Hashable, list[_Job[Result]]] = {}
+        for job in jobs:
+            by_key.setdefault(job.key if job.key is not None else object(), []).append(job)
+        groups: list[list[_Job[Result]]] = []
+        for same in by_key.values():
+            groups.extend(same[i : i + self.max_size] for i in range(0, len(same), self.max_size))
+        return groups
+
+    def _run(self, group: list[_Job[Result]]) -> None:
+        try:
+            results = self.runner(group[0].loaded, [(job.encoded, job.params) for job in group])
+        except BaseException as exc:  # handed to the callers; the worker lives on
+            if len(group) > 1:
+                logger.warning("a batch of %d failed (%s); running its requests one by one", len(group), exc)
+                for job in group:
+                    self._run([job])
+                return
+            group[0].future.set_exception(exc)
+            return
+        self.batch_sizes[len(group)] += 1
+        for job, result in zip(group, results, strict=True):
+            job.future.set_result((result, len(group)))
