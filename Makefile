@@ -7,12 +7,14 @@ DEMO_MODEL ?= .demo-model
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: help venv sam-venv checkov-venv serve demo-model test lint typecheck pytest emulate bench-dtype bench-coldstart clean
+.PHONY: help venv sam-venv checkov-venv serve demo-model test lint typecheck pytest emulate bench bench-device bench-dtype bench-coldstart clean
 
 help:
 	@echo "make serve      run the API on $(HOST):$(PORT) (builds the demo model if MODEL_PATH is unset)"
 	@echo "make test       lint, type check and every test"
 	@echo "make emulate    the function in the Lambda emulator with its weights in a local S3 (no Docker)"
+	@echo "make bench      throughput: engine vs plain generate, HTTP overhead, batching, cache, memory, compile"
+	@echo "make bench-device the GPU host's checks (Lambda entry point, 8/4-bit servers, /model_info); dry run on CPU"
 	@echo "make bench-coldstart cold start from S3 vs the floor and the common path (prints figures)"
 	@echo "make bench-dtype CPU float32 vs bfloat16 decode speed (prints figures)"
 	@echo "make demo-model write the random-weight demo model to $(DEMO_MODEL)"
@@ -76,6 +78,13 @@ emulate: venv sam-venv
 	SAM_VENV=$(SAM_VENV) $(BIN)/python -m tests.integration.emulate $(if $(KEEP),--keep,)
 
 test: lint typecheck pytest
+
+# Figures side by side in one run, each against its target (issue 7). BENCH_ARGS: see --help.
+bench: venv
+	$(BIN)/python -m benchmarks.throughput --compile $(BENCH_ARGS)
+
+bench-device: venv
+	$(BIN)/python -m benchmarks.device_checks
 
 bench-dtype: venv
 	$(BIN)/python benchmarks/cpu_dtype.py

@@ -77,6 +77,12 @@ class Settings(BaseSettings):
         "rounding depends on the batch's shape, and a greedy answer could differ from the unbatched one "
         "where two tokens nearly tie. Sampled requests without a seed batch regardless.",
     )
+    torch_compile: bool = Field(
+        default=False,
+        description="Server mode: decode with a static KV cache and a torch.compile'd forward. Each new "
+        "batch size and length compiles first (tens of seconds); faster after (see docs/benchmarks.md). "
+        "Ignored on Lambda: the compile would land on the cold path.",
+    )
     load_retry_interval_s: float = Field(
         default=5.0,
         ge=0,

@@ -178,12 +178,19 @@ class ModelManager:
 
     def __post_init__(self) -> None:
         self.cache = ResponseCache(self.settings.response_cache_size)
+        if self.settings.torch_compile and self.settings.on_lambda:
+            logger.warning("TORCH_COMPILE is ignored on Lambda: compiling would land on the cold path")
         if self.settings.batch_max_size > 1 and not self.settings.on_lambda:
             self.batcher = MicroBatcher(
                 self._run_group,
                 max_size=self.settings.batch_max_size,
                 window_s=self.settings.batch_window_ms / 1000,
             )
+
+    @property
+    def compiled(self) -> bool:
+        """TORCH_COMPILE, in server mode only: on Lambda the compile would land on the cold path."""
+        return self.settings.torch_compile and not self.settings.on_lambda
 
     @property
     def current(self) -> LoadedModel | None:
@@ -324,7 +331,9 @@ class ModelManager:
         def work() -> None:
             try:
                 with self._generate_lock:
-                    outcome["result"] = run_generation(loaded, encoded, params, None, streamer=streamer)
+                    outcome["result"] = run_generation(
+                        loaded, encoded, params, None, streamer=streamer, compiled=self.compiled
+                    )
             except BaseException as exc:  # surfaced to the reader below
                 outcome["error"] = exc
                 streamer.end()
@@ -412,7 +421,7 @@ class ModelManager:
         with self._generate_lock:
             started = time.perf_counter()
             on_first_token = self._first_token_recorder(started) if self._first_token_pending else None
-            results = run_batch(loaded, items, on_first_token)
+            results = run_batch(loaded, items, on_first_token, compiled=self.compiled)
             elapsed = time.perf_counter() - started
         return [(result, elapsed) for result in results]
 

@@ -11,10 +11,13 @@ if TYPE_CHECKING:
     from function.loading import LoadedModel
 
 
-def generation_config(loaded: LoadedModel, params: SamplingParams, max_new_tokens: int | None = None) -> Any:
+def generation_config(
+    loaded: LoadedModel, params: SamplingParams, max_new_tokens: int | None = None, *, compiled: bool = False
+) -> Any:
     """A complete GenerationConfig: nothing is inherited from the checkpoint's defaults by accident.
 
     The repetition penalty is not in it: `PaddingAwareRepetitionPenalty` applies it (see run_batch).
+    `compiled`: a static KV cache, which transformers decodes with a torch.compile'd forward.
     """
     from transformers import GenerationConfig
 
@@ -35,6 +38,12 @@ def generation_config(loaded: LoadedModel, params: SamplingParams, max_new_token
         options["stop_strings"] = list(params.stop)
     if params.max_time is not None:
         options["max_time"] = params.max_time
+    if compiled:
+        from transformers.generation.configuration_utils import CompileConfig
+
+        compile_config = CompileConfig()
+        compile_config._compile_all_devices = True  # type: ignore[assignment]  # transformers compiles on CUDA only unless told
+        options.update(cache_implementation="static", compile_config=compile_config)
     return GenerationConfig(**options)
 
 
@@ -44,9 +53,11 @@ def run_generation(
     params: SamplingParams,
     on_first_token: Callable[[], None] | None = None,
     streamer: Any = None,
+    *,
+    compiled: bool = False,
 ) -> GenerationResult:
     """Generate for one prompt: a batch of one, through the same code as a batch of many."""
-    return run_batch(loaded, [(encoded, params)], on_first_token, streamer=streamer)[0]
+    return run_batch(loaded, [(encoded, params)], on_first_token, streamer=streamer, compiled=compiled)[0]
 
 
 def run_batch(
@@ -54,6 +65,8 @@ def run_batch(
     items: list[tuple[Any, SamplingParams]],
     on_first_token: Callable[[], None] | None = None,
     streamer: Any = None,
+    *,
+    compiled: bool = False,
 ) -> list[GenerationResult]:
     """One `generate` call for several tokenized prompts that share their sampling parameters
     (all but `max_new_tokens`, which each row keeps as its own limit).
@@ -86,8 +99,8 @@ def run_batch(
 
     processors: list[Any] = []
     if group.repetition_penalty != 1.0:
-        processors.append(_repetition_penalty(group.repetition_penalty, row_pads))
-    processors.append(_bounded_logits())
+        # Extreme penalties (1e-300 is valid) push logits to ±inf: bound them before temperature.
+        processors += [_repetition_penalty(group.repetition_penalty, row_pads), _bounded_logits()]
     criteria: list[Any] = []
     if len(set(limits)) > 1:
         criteria.append(_row_limits(width, row_limits))
@@ -103,7 +116,7 @@ def run_batch(
         output = loaded.model.generate(
             input_ids=input_ids.to(loaded.device),
             attention_mask=attention_mask.to(loaded.device),
-            generation_config=generation_config(loaded, group, max_new_tokens=max(limits)),
+            generation_config=generation_config(loaded, group, max_new_tokens=max(limits), compiled=compiled),
             tokenizer=loaded.tokenizer,
             logits_processor=LogitsProcessorList(processors),
             **extra,
