@@ -1,11 +1,11 @@
 """Micro-batching for server mode: concurrent requests that can share a `generate` call get one.
 
-Callers block in `submit` while one worker thread collects requests for a short window (from the
-first one's arrival) or until a batch is full, groups them by `batch_key`, and runs each group
-through the engine's runner. A request that can't share (a seeded sample, a time budget, a
-greedy request on a model whose rounding depends on the batch) gets a key of its own and runs
-alone, in arrival order with the rest. A batch that fails is retried one request at a time, so
-one request's failure (or a batch too big for memory) is never another's.
+Callers block in `submit` while one worker thread collects requests (each arrival keeps the batch
+open one more window, up to MAX_WINDOWS windows from the first) until a batch is full, groups
+them by `batch_key`, and runs each group through the engine's runner. A request that can't
+share (a seeded sample, a time budget, a greedy request on a model whose rounding depends on the
+batch) runs alone, in arrival order with the rest. A batch that fails is retried one request at
+a time, so one request's failure (or a batch too big for memory) is never another's.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Result = TypeVar("Result")
+MAX_WINDOWS = 4  # a batch waits at most this many windows from its first request
 # Runs one group on one model: the encoded prompts with their parameters, one result each.
 Runner = Callable[["LoadedModel", list[tuple[Any, "SamplingParams"]]], list[Result]]
 
@@ -120,13 +121,15 @@ class MicroBatcher(Generic[Result]):
                 return
 
     def _collect(self, first: _Job[Result]) -> tuple[list[_Job[Result]], bool]:
-        """The first job and those that arrive before its window closes, until its group is full."""
+        """The first job and those that follow it, each within a window of the one before (clients of a
+        burst arrive staggered), for at most MAX_WINDOWS windows in all, until its group is full."""
         jobs = [first]
         if first.key is None:
             return jobs, False  # it runs alone: no reason to wait
         close_at = first.arrived + self.window_s
+        last_call = first.arrived + MAX_WINDOWS * self.window_s
         while sum(job.key == first.key for job in jobs) < self.max_size:
-            left = close_at - time.monotonic()
+            left = min(close_at, last_call) - time.monotonic()
             try:
                 job = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
             except queue.Empty:
@@ -134,6 +137,7 @@ class MicroBatcher(Generic[Result]):
             if job is None:
                 return jobs, True
             jobs.append(job)
+            close_at = max(close_at, job.arrived + self.window_s)
         return jobs, False
 
     def _groups(self, jobs: list[_Job[Result]]) -> list[list[_Job[Result]]]:

@@ -306,3 +306,25 @@ def test_a_failed_batch_is_retried_one_request_at_a_time() -> None:
     assert sorted(map(str, results)) == sorted(
         ["('done a', 1)", "('done b', 1)", "this one request is broken"]
     )
+
+
+def test_each_arrival_keeps_the_batch_open_one_more_window() -> None:
+    sizes: list[int] = []
+
+    def runner(_: Any, items: list[tuple[Any, Any]]) -> list[str]:
+        sizes.append(len(items))
+        return [str(encoded) for encoded, _ in items]
+
+    batcher: MicroBatcher[str] = MicroBatcher(runner, max_size=8, window_s=0.5)
+    greedy = SamplingParams(temperature=0)
+
+    def submit_at(delay: float) -> Any:
+        time.sleep(delay)
+        return batcher.submit(object(), delay, greedy, key="same")  # type: ignore[arg-type]
+
+    # Staggered clients: the third arrives after the first window (0.5 s) but within one of the second.
+    results = concurrently([lambda delay=delay: submit_at(delay) for delay in (0.0, 0.3, 0.6)])
+    batcher.close()
+
+    assert sizes == [3]
+    assert [size for _, size in results] == [3, 3, 3]
