@@ -185,6 +185,20 @@ def test_sampled_requests_batch_by_their_parameters(batched: ModelManager) -> No
     assert all(reason in ("length", "stop") for c in got for reason in c.finish_reasons)
 
 
+def test_sampled_rows_go_back_to_their_own_request(unbatched: ModelManager, batched: ModelManager) -> None:
+    # top_k=1 samples the argmax: each row must be its own prompt's greedy text, n times over
+    sampled = SamplingParams(max_new_tokens=10, temperature=0.8, top_k=1, num_return_sequences=2)
+    greedy = SamplingParams(max_new_tokens=10, temperature=0, repetition_penalty=sampled.repetition_penalty)
+    prompts = PROMPTS[:3]
+    expected = [unbatched.generate(prompt, greedy).continuations[0] for prompt in prompts]
+
+    got = concurrently([lambda prompt=prompt: batched.generate(prompt, sampled) for prompt in prompts])
+
+    assert [completion.batch_size for completion in got] == [3, 3, 3]
+    assert [completion.continuations for completion in got] == [[text, text] for text in expected]
+    assert len(set(expected)) == 3
+
+
 def test_seeded_samples_run_alone_and_keep_their_seed(unbatched: ModelManager, batched: ModelManager) -> None:
     params = [SamplingParams(max_new_tokens=12, temperature=0.9, seed=seed) for seed in (1, 2, 3, 1)]
     expected = [unbatched.generate("Python이란", p) for p in params]
