@@ -49,6 +49,7 @@ def _no_service_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         "BATCH_MAX_SIZE",
         "BATCH_WINDOW_MS",
         "BATCH_REDUCED_PRECISION",
+        "TORCH_COMPILE",
     ):
         monkeypatch.delenv(name, raising=False)
 

@@ -59,3 +59,21 @@ def test_templates_need_their_placeholders() -> None:
         Settings(_env_file=None, instruction_template="no placeholder")  # type: ignore[call-arg]
     with pytest.raises(ValidationError, match="input"):
         Settings(_env_file=None, instruction_input_template="{instruction} only")  # type: ignore[call-arg]
+
+
+def test_batching_settings_from_the_environment_and_their_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BATCH_MAX_SIZE", "16")
+    monkeypatch.setenv("BATCH_WINDOW_MS", "25")
+    monkeypatch.setenv("BATCH_REDUCED_PRECISION", "true")
+    monkeypatch.setenv("TORCH_COMPILE", "true")
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert (settings.batch_max_size, settings.batch_window_ms) == (16, 25.0)
+    assert settings.batch_reduced_precision and settings.torch_compile
+
+    monkeypatch.setenv("BATCH_WINDOW_MS", "5000")
+    with pytest.raises(ValidationError, match="batch_window_ms"):
+        Settings(_env_file=None)  # type: ignore[call-arg]
+    monkeypatch.setenv("BATCH_WINDOW_MS", "10")
+    monkeypatch.setenv("BATCH_MAX_SIZE", "0")
+    with pytest.raises(ValidationError, match="batch_max_size"):
+        Settings(_env_file=None)  # type: ignore[call-arg]

@@ -46,6 +46,7 @@ def test_each_request_is_one_json_line_with_its_figures(
     assert generate_line["completion_tokens"] == generated.json()["usage"]["completion_tokens"]
     assert 0 < float(generate_line["generation_s"]) <= float(generate_line["request_s"])  # type: ignore[arg-type]
     assert "gpu_memory_mb" in generate_line and "timestamp" in generate_line
+    assert generate_line["batch_size"] == 1  # alone: nothing else was in flight
     assert first.headers["X-Request-ID"]
 
 
@@ -68,4 +69,5 @@ def test_prometheus_metrics(client: TestClient) -> None:
     assert metric(text, 'llm_generation_seconds_count{route="/generate"}') == 1
     assert metric(text, 'llm_tokens_total{kind="completion"}') >= 2
     assert metric(text, 'llm_tokens_total{kind="prompt"}') > 0
+    assert metric(text, "llm_batch_size_count") == 2  # one per generated answer
     assert "/metrics" not in client.get("/openapi.json").json()["paths"]
