@@ -72,53 +72,65 @@ class _Job(Generic[Result]):
     encoded: Any
     params: SamplingParams
     arrived: float = field(default_factory=time.monotonic)
-    future: Future[tuple[Result, int]] = field(default_factory=Future)
+    future: Future[Result] = field(default_factory=Future)
+
+
+class BatcherClosedError(RuntimeError):
+    """The batcher was closed: it takes no more requests."""
 
 
 class MicroBatcher(Generic[Result]):
-    """One worker thread; `submit` returns (the runner's result for this request, the batch's size)."""
+    """One worker thread; `submit` blocks until the runner's result for this request is in."""
 
     def __init__(self, runner: Runner[Result], *, max_size: int, window_s: float) -> None:
         self.runner = runner
         self.max_size = max_size
         self.window_s = window_s
-        self.batch_sizes: Counter[int] = Counter()  # how many batches ran with each size
+        self.batch_sizes: Counter[int] = Counter()  # how many groups ran with each size
         self._queue: queue.Queue[_Job[Result] | None] = queue.Queue()
         self._worker: threading.Thread | None = None
-        self._start_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._closed = False
 
     def submit(
         self, loaded: LoadedModel, encoded: Any, params: SamplingParams, key: Hashable | None
-    ) -> tuple[Result, int]:
+    ) -> Result:
         job: _Job[Result] = _Job(key, loaded, encoded, params)
-        self._ensure_worker()
-        self._queue.put(job)
+        with self._lock:  # queued under the lock: close() can't slip in between and strand the job
+            if self._closed:
+                raise BatcherClosedError("the batcher is closed")
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._loop, name="micro-batcher", daemon=True)
+                self._worker.start()
+            self._queue.put(job)
         return job.future.result()
 
     def close(self) -> None:
-        """Stop the worker once the requests already queued have run."""
-        with self._start_lock:
-            if self._worker is not None:
+        """Take no more requests; stop the worker once the requests already queued have run."""
+        with self._lock:
+            self._closed = True
+            worker = self._worker
+            if worker is not None:
                 self._queue.put(None)
-                self._worker.join()
-                self._worker = None
-
-    def _ensure_worker(self) -> None:
-        with self._start_lock:
-            if self._worker is None:
-                self._worker = threading.Thread(target=self._loop, name="micro-batcher", daemon=True)
-                self._worker.start()
+        if worker is not None:
+            worker.join()
 
     def _loop(self) -> None:
-        while True:
+        stop = False
+        while not stop:
             first = self._queue.get()
             if first is None:
                 return
-            jobs, stop = self._collect(first)
-            for group in self._groups(jobs):
-                self._run(group)
-            if stop:
-                return
+            jobs = [first]
+            try:
+                jobs, stop = self._collect(first)
+                for group in self._groups(jobs):
+                    self._run(group)
+            except BaseException as exc:  # a bug here must fail its requests, never strand them
+                logger.exception("the micro-batcher failed")
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
 
     def _collect(self, first: _Job[Result]) -> tuple[list[_Job[Result]], bool]:
         """The first job and those that follow it, each within a window of the one before (clients of a
@@ -153,6 +165,8 @@ class MicroBatcher(Generic[Result]):
     def _run(self, group: list[_Job[Result]]) -> None:
         try:
             results = self.runner(group[0].loaded, [(job.encoded, job.params) for job in group])
+            if len(results) != len(group):
+                raise RuntimeError(f"the runner returned {len(results)} results for {len(group)} requests")
         except BaseException as exc:  # handed to the callers; the worker lives on
             if len(group) > 1:
                 logger.warning("a batch of %d failed (%s); running its requests one by one", len(group), exc)
@@ -163,4 +177,4 @@ class MicroBatcher(Generic[Result]):
             return
         self.batch_sizes[len(group)] += 1
         for job, result in zip(group, results, strict=True):
-            job.future.set_result((result, len(group)))
+            job.future.set_result(result)

@@ -62,8 +62,9 @@ class Settings(BaseSettings):
     batch_max_size: int = Field(
         default=8,
         ge=1,
-        description="Server mode: concurrent /generate and /chat requests generated together, at most this "
-        "many per batch; 1 disables micro-batching. Always off on Lambda (one request per environment).",
+        description="Server mode: concurrent /generate, /chat and non-streamed /v1 requests generated "
+        "together, at most this many per batch; 1 disables micro-batching. Off on Lambda (one request per "
+        "environment).",
     )
     batch_window_ms: float = Field(
         default=10.0,

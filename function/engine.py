@@ -89,7 +89,7 @@ class Completion:
     completion_tokens: int
     generation_time: float
     model_name: str
-    batch_size: int = 1  # requests that shared this one's `generate` call (micro-batching)
+    batch_size: int = 1  # requests that shared this one's `generate` call (micro-batching); 0: from the cache
 
 
 @dataclass(frozen=True)
@@ -172,7 +172,7 @@ class ModelManager:
     cache: ResponseCache = field(init=False)
     # Server mode: groups concurrent requests into one `generate` call. None on Lambda (one request
     # per execution environment) and with BATCH_MAX_SIZE=1.
-    batcher: MicroBatcher[tuple[GenerationResult, float]] | None = field(default=None, init=False)
+    batcher: MicroBatcher[tuple[GenerationResult, float, int]] | None = field(default=None, init=False)
     _cold_start: dict[str, Any] | None = field(default=None, init=False)
     _first_token_pending: bool = field(default=True, init=False)
 
@@ -384,17 +384,16 @@ class ModelManager:
     ) -> Completion:
         cache_key = self.cache.key(loaded, prompt, params, add_special_tokens)
         if cache_key is not None and (cached := self.cache.get(cache_key)) is not None:
-            return replace(cached, generation_time=0.0)
+            return replace(cached, generation_time=0.0, batch_size=0)  # answered without a generate call
         encoded, prompt_tokens = self._encode(loaded, prompt, params, add_special_tokens=add_special_tokens)
         params = self._within_deadline(params)
         if self.batcher is None:
-            ((continuations, reasons, produced), elapsed), batch_size = (
-                self._run_group(loaded, [(encoded, params)])[0],
-                1,
-            )
+            (continuations, reasons, produced), elapsed, batch_size = self._run_group(
+                loaded, [(encoded, params)]
+            )[0]
         else:
             key = batch_key(loaded, params, reduced_precision=self.settings.batch_reduced_precision)
-            ((continuations, reasons, produced), elapsed), batch_size = self.batcher.submit(
+            (continuations, reasons, produced), elapsed, batch_size = self.batcher.submit(
                 loaded, encoded, params, key
             )
         completion = Completion(
@@ -413,17 +412,22 @@ class ModelManager:
 
     def _run_group(
         self, loaded: LoadedModel, items: list[tuple[Any, SamplingParams]]
-    ) -> list[tuple[GenerationResult, float]]:
-        """One `generate` call for prompts that share their sampling parameters (see batching.batch_key):
-        each prompt's result, with the call's seconds."""
+    ) -> list[tuple[GenerationResult, float, int]]:
+        """`generate` calls for prompts that share their sampling parameters (see batching.batch_key):
+        one call, or more where padding to the longest prompt and decoding to the largest
+        max_new_tokens would pass the model's context. Each prompt's result, with its call's
+        seconds and size."""
         from function.generation import run_batch
 
+        out: list[tuple[GenerationResult, float, int]] = []
         with self._generate_lock:
-            started = time.perf_counter()
-            on_first_token = self._first_token_recorder(started) if self._first_token_pending else None
-            results = run_batch(loaded, items, on_first_token, compiled=self.compiled)
-            elapsed = time.perf_counter() - started
-        return [(result, elapsed) for result in results]
+            for call in _fit_context(items, loaded.context_length):
+                started = time.perf_counter()
+                on_first_token = self._first_token_recorder(started) if self._first_token_pending else None
+                results = run_batch(loaded, call, on_first_token, compiled=self.compiled)
+                elapsed = time.perf_counter() - started
+                out += [(result, elapsed, len(call)) for result in results]
+        return out
 
     @staticmethod
     def _within_deadline(params: SamplingParams) -> SamplingParams:
@@ -463,6 +467,23 @@ class ModelManager:
     def cold_start(self) -> dict[str, Any] | None:
         """The start-up phases of this process, or None when no start-up model was loaded."""
         return None if self._cold_start is None else dict(self._cold_start)
+
+
+def _fit_context(
+    items: list[tuple[Any, SamplingParams]], context_length: int
+) -> list[list[tuple[Any, SamplingParams]]]:
+    """Split a group, in order, so no call pads and decodes past the context (each item fits alone)."""
+    calls: list[list[tuple[Any, SamplingParams]]] = []
+    width = longest = 0
+    for item in items:
+        prompt, limit = int(item[0]["input_ids"].shape[1]), item[1].max_new_tokens
+        if calls and max(width, prompt) + max(longest, limit) <= context_length:
+            calls[-1].append(item)
+            width, longest = max(width, prompt), max(longest, limit)
+        else:
+            calls.append([item])
+            width, longest = prompt, limit
+    return calls
 
 
 _engine: ModelManager | None = None

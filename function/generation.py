@@ -99,8 +99,11 @@ def run_batch(
 
     processors: list[Any] = []
     if group.repetition_penalty != 1.0:
-        # Extreme penalties (1e-300 is valid) push logits to ±inf: bound them before temperature.
-        processors += [_repetition_penalty(group.repetition_penalty, row_pads), _bounded_logits()]
+        processors.append(_repetition_penalty(group.repetition_penalty, row_pads))
+    if group.repetition_penalty != 1.0 or not group.greedy:
+        # Extreme penalties (1e-300 is valid) or fp16 overflow must not reach sampling as inf or NaN.
+        # (Plain greedy takes the argmax of the model's own logits: nothing to bound.)
+        processors.append(_bounded_logits())
     criteria: list[Any] = []
     if len(set(limits)) > 1:
         criteria.append(_row_limits(width, row_limits))

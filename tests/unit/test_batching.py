@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from function.batching import MicroBatcher, batch_key, exact_batching
+from function.batching import BatcherClosedError, MicroBatcher, batch_key, exact_batching
 from function.engine import Completion, ModelManager, SamplingParams
 from function.generation import _repetition_penalty
 from tests.conftest import make_settings
@@ -317,9 +317,7 @@ def test_a_failed_batch_is_retried_one_request_at_a_time() -> None:
     batcher.close()
 
     assert sorted(map(len, calls)) == [1, 1, 1, 3]  # the batch of three, then each alone
-    assert sorted(map(str, results)) == sorted(
-        ["('done a', 1)", "('done b', 1)", "this one request is broken"]
-    )
+    assert sorted(results) == ["done a", "done b", "this one request is broken"]
 
 
 def test_each_arrival_keeps_the_batch_open_one_more_window() -> None:
@@ -341,4 +339,65 @@ def test_each_arrival_keeps_the_batch_open_one_more_window() -> None:
     batcher.close()
 
     assert sizes == [3]
-    assert [size for _, size in results] == [3, 3, 3]
+    assert results == ["0.0", "0.3", "0.6"]
+
+
+def test_a_broken_runner_fails_its_requests_and_the_worker_lives_on() -> None:
+    def runner(_: Any, items: list[tuple[Any, Any]]) -> list[str]:
+        if items[0][0] == "short":
+            return []  # one result too few: a bug, not a hang
+        return [str(encoded) for encoded, _ in items]
+
+    batcher: MicroBatcher[str] = MicroBatcher(runner, max_size=4, window_s=0.0)
+    greedy = SamplingParams(temperature=0)
+
+    with pytest.raises(RuntimeError, match="0 results for 1 requests"):
+        batcher.submit(object(), "short", greedy, key=None)  # type: ignore[arg-type]
+    assert batcher.submit(object(), "fine", greedy, key=None) == "fine"  # type: ignore[arg-type]
+
+    batcher.close()
+    with pytest.raises(BatcherClosedError):
+        batcher.submit(object(), "late", greedy, key=None)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def short_context_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from function.demo_model import DemoModelSize, build_demo_model
+
+    return build_demo_model(
+        tmp_path_factory.mktemp("short") / "short_context", size=DemoModelSize(context_length=64)
+    )
+
+
+def test_a_batch_never_pads_and_decodes_past_the_context(short_context_dir: Path) -> None:
+    alone = engine_for(short_context_dir, batch_max_size=1)
+    together = engine_for(short_context_dir, batch_max_size=3, batch_window_ms=1000)
+    assert alone.current is not None and alone.current.context_length == 64
+    tokenizer = alone.current.tokenizer
+    long_prompt = " ".join(["머신러닝 Python"] * 40)
+    while len(tokenizer(long_prompt)["input_ids"]) > 45:
+        long_prompt = long_prompt.rsplit(" ", 1)[0]
+    # Each fits alone (about 45 + 10 and 5 + 24 of 64 positions); padded together they would need 69.
+    requests = [
+        ("Hello", SamplingParams(max_new_tokens=24, temperature=0)),
+        (long_prompt, SamplingParams(max_new_tokens=10, temperature=0)),
+        ("a", SamplingParams(max_new_tokens=10, temperature=0)),
+    ]
+    expected = [alone.generate(prompt, params) for prompt, params in requests]
+
+    got = concurrently([lambda r=r: together.generate(*r) for r in requests])
+
+    # Split in order: the first alone, the long prompt with the short one that fits beside it.
+    assert [completion.batch_size for completion in got] == [1, 2, 2]
+    for completion, single in zip(got, expected, strict=True):
+        same_answer(completion, single)
+
+
+def test_a_cached_answer_made_no_generate_call(demo_model_dir: Path) -> None:
+    engine = engine_for(demo_model_dir, response_cache_size=8)
+    params = SamplingParams(max_new_tokens=4, temperature=0)
+
+    first, second = engine.generate("Hello", params), engine.generate("Hello", params)
+
+    assert (first.batch_size, second.batch_size) == (1, 0)
+    assert first.continuations == second.continuations
