@@ -387,8 +387,10 @@ def test_a_batch_never_pads_and_decodes_past_the_context(short_context_dir: Path
 
     got = concurrently([lambda r=r: together.generate(*r) for r in requests])
 
-    # Split in order: the first alone, the long prompt with the short one that fits beside it.
-    assert [completion.batch_size for completion in got] == [1, 2, 2]
+    # Split in arrival order (which the threads decide): the long prompt and the long answer never
+    # share a call, the short one joins whichever it fits beside.
+    sizes = [completion.batch_size for completion in got]
+    assert sorted(sizes) == [1, 2, 2] and 1 in (sizes[0], sizes[1])
     for completion, single in zip(got, expected, strict=True):
         same_answer(completion, single)
 
