@@ -125,9 +125,7 @@ def _add_routes(app: FastAPI) -> None:
     def generate(request: GenerateRequest, engine: EngineDep, http: Request) -> GenerateResponse:
         params = request.sampling_params(engine.settings.max_new_tokens)
         result = engine.generate(request.prompt, params)
-        record_generation(
-            http, result.prompt_tokens, result.completion_tokens, result.generation_time, result.batch_size
-        )
+        record_generation(http, result)
         return GenerateResponse(
             generated_text=[request.prompt + text for text in result.continuations],
             prompt=request.prompt,
@@ -141,9 +139,7 @@ def _add_routes(app: FastAPI) -> None:
     def chat(request: ChatRequest, engine: EngineDep, http: Request) -> ChatResponse:
         params = request.sampling_params(engine.settings.max_new_tokens)
         result = engine.chat(request.instruction, request.input, params)
-        record_generation(
-            http, result.prompt_tokens, result.completion_tokens, result.generation_time, result.batch_size
-        )
+        record_generation(http, result)
         return ChatResponse(
             response=result.continuations[0].strip(),
             instruction=request.instruction,

@@ -70,7 +70,8 @@ class Settings(BaseSettings):
         default=10.0,
         ge=0,
         le=1000,
-        description="How long the first request of a batch waits for others to join it.",
+        description="How long a batch waits for the next request to join it; each arrival extends the wait "
+        "by this much, up to four windows from the first request.",
     )
     batch_reduced_precision: bool = Field(
         default=False,

@@ -15,10 +15,13 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+
+if TYPE_CHECKING:
+    from function.engine import Completion
 
 REQUEST_LOGGER = "llm_function.requests"
 NAMESPACE = "LlmFunction"
@@ -45,15 +48,13 @@ def request_logger() -> logging.Logger:
     return logger
 
 
-def record_generation(
-    request: Request, prompt_tokens: int, completion_tokens: int, seconds: float, batch_size: int = 1
-) -> None:
+def record_generation(request: Request, result: Completion) -> None:
     """Routes call this so the request's log line and metrics carry the generation's figures."""
     request.state.generation = {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "generation_s": round(seconds, 4),
-        "batch_size": batch_size,
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "generation_s": round(result.generation_time, 4),
+        "batch_size": result.batch_size,
     }
 
 
@@ -97,7 +98,8 @@ class PrometheusMetrics:
             self.generation_seconds.labels(entry["route"]).observe(entry["generation_s"])
             self.tokens.labels("prompt").inc(entry["prompt_tokens"])
             self.tokens.labels("completion").inc(entry["completion_tokens"])
-            self.batch_size.observe(entry.get("batch_size", 1))
+            if entry["batch_size"]:  # 0: the response cache answered, no generate call to count
+                self.batch_size.observe(entry["batch_size"])
 
     def exposition(self) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

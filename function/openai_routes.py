@@ -67,9 +67,7 @@ def build_router() -> APIRouter:
             _refuse_stream_on_lambda(request)
             return _sse(_choices(engine, body.prompt, params), "text_completion", chat=False)
         result = engine.generate(body.prompt, params)
-        record_generation(
-            request, result.prompt_tokens, result.completion_tokens, result.generation_time, result.batch_size
-        )
+        record_generation(request, result)
         return {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
@@ -92,9 +90,7 @@ def build_router() -> APIRouter:
             _refuse_stream_on_lambda(request)
             return _sse(_choices(engine, messages, params), "chat.completion.chunk", chat=True)
         result = engine.chat_messages(messages, params)
-        record_generation(
-            request, result.prompt_tokens, result.completion_tokens, result.generation_time, result.batch_size
-        )
+        record_generation(request, result)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",

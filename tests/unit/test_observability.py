@@ -71,3 +71,20 @@ def test_prometheus_metrics(client: TestClient) -> None:
     assert metric(text, 'llm_tokens_total{kind="prompt"}') > 0
     assert metric(text, "llm_batch_size_count") == 2  # one per generated answer
     assert "/metrics" not in client.get("/openapi.json").json()["paths"]
+
+
+def test_a_cached_answer_is_logged_with_batch_size_0_and_not_counted_as_a_batch(
+    demo_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = make_settings(model_path=str(demo_model_dir), response_cache_size=8)
+    engine = ModelManager(settings)
+    engine.load_startup_model()
+    cached_client = TestClient(create_app(settings, engine))
+    body = {"prompt": "Python", "max_new_tokens": 3, "temperature": 0}
+
+    with caplog.at_level(logging.INFO, logger=REQUEST_LOGGER):
+        cached_client.post("/generate", json=body)
+        cached_client.post("/generate", json=body)
+
+    assert [line["batch_size"] for line in logged(caplog)] == [1, 0]
+    assert metric(cached_client.get("/metrics").text, "llm_batch_size_count") == 1
