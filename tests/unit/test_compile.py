@@ -25,6 +25,11 @@ def test_compiled_decoding_answers_as_eager_does(demo_model_dir: Path) -> None:
         assert got.continuations == expected.continuations
         assert got.completion_tokens == expected.completion_tokens
     assert compiled.compiled and not eager.compiled
+    # The forward really was compiled (transformers keeps the compiled callable on the model), and
+    # the eager engine's was not: equal answers alone would not tell the two apart.
+    assert compiled.current is not None and eager.current is not None
+    assert hasattr(compiled.current.model, "_compiled_call")
+    assert not hasattr(eager.current.model, "_compiled_call")
 
 
 def test_compile_is_ignored_on_lambda(demo_model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
