@@ -65,6 +65,7 @@ serve: venv
 lint: venv
 	$(BIN)/ruff check function tests benchmarks
 	$(BIN)/ruff format --check function tests benchmarks
+	$(BIN)/lint-imports
 
 typecheck: venv
 	$(BIN)/mypy

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from function.demo_model import DemoModelSize, build_demo_model
-from tests.integration.local_aws import CREDENTIALS, LambdaEmulator, SeaweedFS, peak_rss_mb
-from tests.s3_helpers import upload_model
+from tests.support.local_aws import CREDENTIALS, LambdaEmulator, SeaweedFS, peak_rss_mb
+from tests.support.s3 import upload_model
 
 BUCKET = "models"
 PREFIX = "bench/model-300mb/"
@@ -34,7 +34,7 @@ IMPORTS = """
 import time
 t = time.perf_counter()
 import mangum, boto3, function.app
-from function.loading import import_runtime
+from function.weights.loading import import_runtime
 import_runtime()
 print(time.perf_counter() - t)
 """
@@ -83,7 +83,7 @@ def raw_get_mb_per_s(seaweed: SeaweedFS, part_size: int = 8 * 1024 * 1024, worke
 
 def fetch_to_tmp_mb_per_s(seaweed: SeaweedFS, root: Path, trial: int) -> float:
     """The fetcher alone (verify included) into a fresh /tmp: set against raw GETs, the cost of landing on disk."""
-    from function.fetch import ModelFetcher
+    from function.weights.fetcher import ModelFetcher
 
     result = ModelFetcher(root / f"alone-{trial}", seaweed.client()).fetch(f"s3://{BUCKET}/{PREFIX}")
     return result.megabytes_per_second

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from function.demo_model import SIZES, DemoModelSize, build_demo_model
-from function.loading import cpu_has_native_bf16
+from function.weights.loading import cpu_has_native_bf16
 
 SHAPES = {
     "tiny (0.3M)": SIZES["tiny"],
@@ -62,7 +62,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         for label, shape in SHAPES.items():
             model_dir = build_demo_model(Path(root) / label.split()[0], size=shape)
-            from function.loading import count_checkpoint_parameters
+            from function.weights.loading import count_checkpoint_parameters
 
             params = count_checkpoint_parameters(model_dir)
             fp32 = decode_tokens_per_second(model_dir, torch.float32, args.new_tokens, args.repeats)

@@ -85,9 +85,9 @@ def batch_invariance(model_dir: Path, device: str) -> None:
     import torch
 
     from benchmarks.throughput import settings_for
-    from function.engine import SamplingParams
-    from function.generation import run_batch, run_generation
-    from function.loading import load_model
+    from function.engine.generation import run_batch, run_generation
+    from function.engine.types import SamplingParams
+    from function.weights.loading import load_model
 
     for dtype in ("float32", "bfloat16"):
         loaded = load_model(str(model_dir), "none", settings_for(model_dir, cpu_dtype=dtype), device)
@@ -112,7 +112,7 @@ def main() -> None:
     import torch
 
     from function.demo_model import build_demo_model
-    from function.loading import pick_device
+    from function.weights.loading import pick_device
 
     device = pick_device()
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else None

@@ -39,8 +39,9 @@ import torch
 
 from function.config import Settings
 from function.demo_model import build_demo_model
-from function.engine import ModelManager, SamplingParams
-from function.loading import load_model
+from function.engine.engine import Engine
+from function.engine.types import SamplingParams
+from function.weights.loading import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [
@@ -91,7 +92,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def decode_speed(engine: ModelManager, new_tokens: int, repeats: int) -> tuple[float, float]:
+def decode_speed(engine: Engine, new_tokens: int, repeats: int) -> tuple[float, float]:
     """Tokens/s of engine.generate and of plain transformers on the same weights, interleaved.
 
     Plain is what a hand-written transformers server does per request: tokenize, `generate`, decode.
@@ -179,7 +180,7 @@ def latencies(call: Callable[[int], Any], count: int) -> list[float]:
     return seconds
 
 
-def http_overhead(engine: ModelManager, url: str, count: int) -> dict[str, float]:
+def http_overhead(engine: Engine, url: str, count: int) -> dict[str, float]:
     """Sequential /generate (greedy, 8 new tokens, distinct prompts so the cache never answers) vs in-process.
 
     Two figures: HTTP latency minus in-process latency (two processes on shared cores: noisy), and
@@ -218,7 +219,7 @@ def http_overhead(engine: ModelManager, url: str, count: int) -> dict[str, float
     }
 
 
-def cache_latency(engine: ModelManager, url: str) -> dict[str, float]:
+def cache_latency(engine: Engine, url: str) -> dict[str, float]:
     """A miss and then hits, in-process (an engine with the cache on) and over HTTP."""
     params = SamplingParams(max_new_tokens=16, temperature=0)
     started = time.perf_counter()
@@ -256,9 +257,9 @@ def concurrent_throughput(url: str, clients: int, per_client: int, new_tokens: i
     return total / (time.perf_counter() - started)
 
 
-def greedy_agreement(engine: ModelManager, new_tokens: int) -> tuple[int, int]:
+def greedy_agreement(engine: Engine, new_tokens: int) -> tuple[int, int]:
     """Of the 8 prompts, how many batched greedy answers equal the unbatched ones (serving dtype)."""
-    from function.generation import run_batch, run_generation
+    from function.engine.generation import run_batch, run_generation
 
     loaded = engine.current
     assert loaded is not None
@@ -303,7 +304,7 @@ def compile_speedup(model_dir: Path, new_tokens: int, repeats: int) -> dict[str,
     results: dict[str, float] = {}
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, repetition_penalty=1.0)
     for key, compiled in (("eager", False), ("compiled", True)):
-        engines[key] = ModelManager(settings_for(model_dir, torch_compile=compiled))
+        engines[key] = Engine(settings_for(model_dir, torch_compile=compiled))
         engines[key].load_startup_model()
         started = time.perf_counter()
         engines[key].generate(PROMPTS[0], params)
@@ -326,7 +327,7 @@ def verdict(met: bool) -> str:
 Row = tuple[str, str, str, str]
 
 
-def decode_rows(engine: ModelManager, args: argparse.Namespace, out: dict[str, Any]) -> list[Row]:
+def decode_rows(engine: Engine, args: argparse.Namespace, out: dict[str, Any]) -> list[Row]:
     ours, plain = decode_speed(engine, args.new_tokens, args.repeats)
     ratio = ours / plain
     out["decode"] = {"engine_tokens_per_s": ours, "plain_tokens_per_s": plain, "ratio": ratio}
@@ -336,12 +337,10 @@ def decode_rows(engine: ModelManager, args: argparse.Namespace, out: dict[str, A
     ]
 
 
-def server_rows(
-    engine: ModelManager, model_dir: Path, args: argparse.Namespace, out: dict[str, Any]
-) -> list[Row]:
+def server_rows(engine: Engine, model_dir: Path, args: argparse.Namespace, out: dict[str, Any]) -> list[Row]:
     with server(model_dir, BATCH_MAX_SIZE="1", RESPONSE_CACHE_SIZE="256") as url:
         overhead = http_overhead(engine, url, args.http_requests)
-        cached_engine = ModelManager(settings_for(model_dir, response_cache_size=256))
+        cached_engine = Engine(settings_for(model_dir, response_cache_size=256))
         cached_engine.load_startup_model()
         cache = cache_latency(cached_engine, url)
         del cached_engine
@@ -386,7 +385,7 @@ def server_rows(
     ]
 
 
-def agreement_rows(engine: ModelManager, args: argparse.Namespace, out: dict[str, Any]) -> list[Row]:
+def agreement_rows(engine: Engine, args: argparse.Namespace, out: dict[str, Any]) -> list[Row]:
     same, total = greedy_agreement(engine, args.new_tokens)
     out["greedy_agreement"] = {"same": same, "of": total}
     dtype = engine.current.dtype if engine.current else "?"
@@ -418,7 +417,7 @@ def compile_rows(model_dir: Path, args: argparse.Namespace, out: dict[str, Any])
 
 def bench_model(name: str, size: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     model_dir = build_demo_model(workdir / name, size=size)
-    engine = ModelManager(settings_for(model_dir))
+    engine = Engine(settings_for(model_dir))
     engine.load_startup_model()
     loaded = engine.current
     assert loaded is not None, engine.status().reason

@@ -104,7 +104,7 @@ def run_publish(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from function.errors import ModelLoadError
-    from function.publish import publish_model
+    from function.weights.publish import publish_model
 
     try:
         result = publish_model(Path(args.local_dir), args.s3_uri, progress=not args.no_progress)
@@ -171,8 +171,8 @@ def run_serve(args: argparse.Namespace) -> int:
             log_level=settings.log_level.lower(),
         )
         return 0
-    from function.app import create_app
-    from function.engine import get_engine
+    from function.api.factory import create_app
+    from function.engine.engine import get_engine
 
     app = create_app(settings, get_engine(settings))
     uvicorn.run(app, host=args.host, port=args.port, log_level=settings.log_level.lower())

@@ -1,11 +1,11 @@
-"""Shared fixtures: real demo models built once per session, settings that ignore the caller's .env."""
+"""Shared fixtures: real demo models built once per session, settings that ignore the caller's .env.
+
+Fixtures only: helpers the tests share are in tests/support/.
+"""
 
 from __future__ import annotations
 
-import json
 import os
-import pickle
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,45 +13,22 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from function.app import create_app
+from function.api.factory import create_app
 from function.config import Settings
 from function.demo_model import DemoModelSize, build_demo_model
-from function.engine import ModelManager
+from function.engine.engine import Engine
+from tests.support.settings import make_settings
 
-# Small limits keep every at-the-limit request quick on a 2-core CI machine.
-TEST_MAX_NEW_TOKENS = 24
-TEST_MAX_SEQUENCES = 3
+# Every variable Settings reads: pydantic-settings maps field `model_path` to MODEL_PATH (in any case).
+SERVICE_VARIABLES = frozenset(name.upper() for name in Settings.model_fields)
 
 
 @pytest.fixture(autouse=True)
 def _no_service_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """A developer's MODEL_PATH or limits in the shell must not change what the tests see."""
-    for name in (
-        "MODEL_PATH",
-        "LOAD_IN_8BIT",
-        "LOAD_IN_4BIT",
-        "MAX_NEW_TOKENS",
-        "MAX_NUM_RETURN_SEQUENCES",
-        "CPU_DTYPE",
-        "USE_CHAT_TEMPLATE",
-        "INSTRUCTION_TEMPLATE",
-        "INSTRUCTION_INPUT_TEMPLATE",
-        "API_KEYS",
-        "ADMIN_API_KEYS",
-        "API_KEYS_SECRET_ARN",
-        "ALLOWED_MODEL_PATHS",
-        "ALLOW_RUNTIME_MODEL_LOAD",
-        "MAX_REQUEST_BYTES",
-        "MAX_PROMPT_TOKENS",
-        "RATE_LIMIT",
-        "AWS_LAMBDA_FUNCTION_NAME",
-        "RESPONSE_CACHE_SIZE",
-        "BATCH_MAX_SIZE",
-        "BATCH_WINDOW_MS",
-        "BATCH_REDUCED_PRECISION",
-        "TORCH_COMPILE",
-    ):
-        monkeypatch.delenv(name, raising=False)
+    for name in list(os.environ):
+        if name.upper() in SERVICE_VARIABLES:
+            monkeypatch.delenv(name)
 
 
 @pytest.fixture
@@ -109,61 +86,29 @@ def slow_model_dir(models_root: Path) -> Path:
     return build_demo_model(models_root / "slow_model", size=size)
 
 
-def make_settings(**overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "max_new_tokens": TEST_MAX_NEW_TOKENS,
-        "max_num_return_sequences": TEST_MAX_SEQUENCES,
-        "cpu_dtype": "float32",
-        # Loads may come from the temp directory the tests build models in.
-        "allowed_model_paths": [tempfile.gettempdir()],
-        "rate_limit": None,  # off unless a test sets one
-        "response_cache_size": 0,  # determinism tests must generate twice; the cache has tests of its own
-    }
-    values.update(overrides)
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
-
-
 @pytest.fixture
 def settings_factory() -> Callable[..., Settings]:
     return make_settings
 
 
 @pytest.fixture(scope="session")
-def served_engine(demo_model_dir: Path) -> ModelManager:
+def served_engine(demo_model_dir: Path) -> Engine:
     """One loaded engine shared by read-only tests (nothing may swap it)."""
-    engine = ModelManager(make_settings(model_path=str(demo_model_dir)))
+    engine = Engine(make_settings(model_path=str(demo_model_dir)))
     engine.load_startup_model()
     assert engine.current is not None
     return engine
 
 
 @pytest.fixture
-def fresh_engine(demo_model_dir: Path) -> ModelManager:
+def fresh_engine(demo_model_dir: Path) -> Engine:
     """An engine of its own, for tests that swap or fail loads."""
-    engine = ModelManager(make_settings(model_path=str(demo_model_dir)))
+    engine = Engine(make_settings(model_path=str(demo_model_dir)))
     engine.load_startup_model()
     return engine
 
 
 @pytest.fixture
-def client(served_engine: ModelManager) -> Iterator[TestClient]:
+def client(served_engine: Engine) -> Iterator[TestClient]:
     with TestClient(create_app(served_engine.settings, served_engine)) as test_client:
         yield test_client
-
-
-class _WritesMarker:
-    """Unpickling this runs `touch marker`: the payload a hostile checkpoint would carry."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[Any, tuple[str]]:
-        return (os.system, (f"touch {self.marker}",))
-
-
-def write_pickle_only_model(directory: Path, marker: Path) -> Path:
-    """A model directory whose only weights are a pickle that creates `marker` if anything unpickles it."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps({"model_type": "llama"}), encoding="utf-8")
-    (directory / "pytorch_model.bin").write_bytes(pickle.dumps(_WritesMarker(marker)))
-    return directory

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from function.app import create_app
-from function.engine import ModelManager
-from tests.conftest import make_settings
+from function.api.factory import create_app
+from function.engine.engine import Engine
 from tests.infra.cfn import load_template
-from tests.integration.local_aws import SAM_VENV, LambdaEmulator
+from tests.support.local_aws import SAM_VENV, LambdaEmulator
+from tests.support.settings import make_settings
 
 CHECKOV_VENV = Path(os.environ.get("CHECKOV_VENV", Path(__file__).resolve().parents[2] / ".venv-checkov"))
 
@@ -61,7 +61,7 @@ def test_sam_validate_lint() -> None:
 def app_routes() -> set[tuple[str, str]]:
     """The app's routes as the Lambda handler builds it (with a request sink: no /metrics), read from its
     OpenAPI document (what clients see), plus the docs pages the document does not list."""
-    app = create_app(make_settings(), ModelManager(make_settings()), request_sink=lambda entry: None)
+    app = create_app(make_settings(), Engine(make_settings()), request_sink=lambda entry: None)
     routes = {
         (method.upper(), path) for path, operations in app.openapi()["paths"].items() for method in operations
     }

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 from function.demo_model import build_demo_model
-from tests.events import event_names, load_event
-from tests.integration.local_aws import LambdaEmulator, SeaweedFS
-from tests.s3_helpers import upload_model
+from tests.support.events import event_names, load_event
+from tests.support.local_aws import LambdaEmulator, SeaweedFS
+from tests.support.s3 import upload_model
 
 BUCKET = "models"
 PREFIX = "emulate/final_model/"

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from function.client import APIError, LLMClient
-from tests.integration.test_server_process import free_port, serve_command, start, stop, wait_healthy
+from tests.support.ports import free_port
+from tests.support.servers import serve_command, start, stop, wait_healthy
 
 pytestmark = pytest.mark.server
 USER_KEY, ADMIN_KEY = "client-user-key-0123", "client-admin-key-0123"

@@ -21,10 +21,11 @@ import boto3
 import pytest
 import requests
 
-from tests.events import assert_sample_answered, event_names, http_body, load_event
-from tests.integration.local_aws import SAM_VENV, LambdaEmulator, SeaweedFS, free_port, stop_process
-from tests.integration.test_server_process import wait_healthy
-from tests.s3_helpers import upload_model
+from tests.support.events import assert_sample_answered, event_names, http_body, load_event
+from tests.support.local_aws import SAM_VENV, LambdaEmulator, SeaweedFS, stop_process
+from tests.support.ports import free_port
+from tests.support.s3 import upload_model
+from tests.support.servers import wait_healthy
 
 pytestmark = pytest.mark.emulator
 BUCKET = "models"
@@ -335,7 +336,7 @@ def test_powertools_logs_and_emf_metrics(seaweed: SeaweedFS, tmp_path: Path) -> 
 def test_published_model_cold_starts_and_tampering_is_refused(
     seaweed: SeaweedFS, demo_model_dir: Path, tmp_path: Path
 ) -> None:
-    from function.publish import publish_model
+    from function.weights.publish import publish_model
 
     result = publish_model(
         demo_model_dir, "s3://models/published/final_model/", client=seaweed.client(), progress=False

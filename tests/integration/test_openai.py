@@ -9,7 +9,8 @@ import openai
 import pytest
 import requests
 
-from tests.integration.test_server_process import free_port, serve_command, start, stop, wait_healthy
+from tests.support.ports import free_port
+from tests.support.servers import serve_command, start, stop, wait_healthy
 
 pytestmark = pytest.mark.server
 KEY = "openai-compat-key-0123"

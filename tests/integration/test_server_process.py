@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,75 +14,11 @@ from typing import Any
 import pytest
 import requests
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.ports import free_port
+from tests.support.servers import REPO, serve_command, start, stop, wait_healthy
+
 README = REPO / "README.md"
 pytestmark = pytest.mark.server
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_healthy(base_url: str, process: subprocess.Popen[bytes], timeout: float = 180) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited with {process.returncode}")
-        try:
-            response = requests.get(f"{base_url}/health", timeout=2)
-            if response.status_code == 200:
-                body: dict[str, Any] = response.json()
-                return body
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("server did not become healthy")
-
-
-def start(command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    environment = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in ("MODEL_PATH", "LOAD_IN_8BIT", "LOAD_IN_4BIT")
-    }
-    environment.update(env or {})
-    return subprocess.Popen(
-        command,
-        cwd=REPO,
-        env=environment,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
-def serve_command(model_dir: Path, port: int, *flags: str) -> list[str]:
-    """`python -m function serve --model_path DIR --host 127.0.0.1 --port PORT [flags]` (the README)."""
-    return [
-        sys.executable,
-        "-m",
-        "function",
-        "serve",
-        "--model_path",
-        str(model_dir),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        *flags,
-    ]
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from function.demo_model import build_demo_model, demo_corpus
 
 
 def test_hub_is_offline_for_the_whole_package() -> None:
-    import function.loading  # noqa: F401  (the loading code forces offline mode)
+    import function.weights.loading  # noqa: F401  (the loading code forces offline mode)
 
     assert os.environ["HF_HUB_OFFLINE"] == "1"
 

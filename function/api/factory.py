@@ -1,0 +1,74 @@
+"""`create_app`: the FastAPI app over an engine, with its routers, error handlers and middleware."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+
+from function import __version__
+from function.api import openai_routes, routes
+from function.api.auth import warn_if_open
+from function.api.errors import ERROR_RESPONSES, install_error_handlers
+from function.api.middleware import BodySizeLimit, mark_cold_response
+from function.api.observability import RequestSink, install_observability
+from function.api.ratelimit import RateLimiter
+from function.config import Settings, get_settings
+from function.engine.engine import Engine, get_engine
+
+
+def create_app(
+    settings: Settings | None = None,
+    engine: Engine | None = None,
+    request_sink: RequestSink | None = None,
+) -> FastAPI:
+    """Build the API. Without arguments: the process-wide settings and engine (which loads MODEL_PATH)."""
+    settings = settings or get_settings()
+    engine = engine or get_engine(settings)
+    app = FastAPI(
+        title="llm-function",
+        version=__version__,
+        description="A fine-tuned causal language model behind the original server guide's API.",
+        responses=ERROR_RESPONSES,
+    )
+    app.state.engine = engine
+    app.state.settings = settings
+    app.state.rate_limiter = (
+        RateLimiter(settings.rate_limit) if settings.rate_limit and not settings.on_lambda else None
+    )
+    warn_if_open(settings)
+    install_error_handlers(app)
+    publish_server_limits(app, settings)
+    app.include_router(openai_routes.router)
+    mark_cold_response(app)
+    install_observability(app, sink=request_sink)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.include_router(routes.router)
+    return app
+
+
+def publish_server_limits(app: FastAPI, settings: Settings) -> None:
+    """Put the settings' bounds into /openapi.json, so the docs state the limits requests meet."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        components = schema["components"]["schemas"]
+        bounds = {
+            "max_new_tokens": settings.max_new_tokens,
+            "max_tokens": settings.max_new_tokens,
+            "max_completion_tokens": settings.max_new_tokens,
+            "num_return_sequences": settings.max_num_return_sequences,
+            "n": settings.max_num_return_sequences,
+        }
+        for model in ("GenerateRequest", "ChatRequest", "CompletionRequest", "ChatCompletionRequest"):
+            for name, field in components.get(model, {}).get("properties", {}).items():
+                if name in bounds:
+                    for branch in field.get("anyOf", [field]):  # optional fields: bound the integer branch
+                        if branch.get("type") == "integer":
+                            branch["maximum"] = bounds[name]
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,0 +1,71 @@
+"""ASGI middleware: the request body cap, and the cold-start mark on the first response."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from fastapi import FastAPI, Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from function.api.errors import error_response, route_path
+from function.api.schemas import ErrorDetail
+
+
+class BodySizeLimit:
+    """413 for bodies over `max_bytes`: by Content-Length up front, or counted while streaming in."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        # Read the body up to the cap before the app sees it (FastAPI turns errors raised while it reads
+        # the body into 400s), then replay it. At most max_bytes are ever buffered.
+        messages: list[Message] = []
+        received = 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        detail = ErrorDetail(field="body", message="request body too large", limit=self.max_bytes)
+        response = error_response(
+            413,
+            "payload_too_large",
+            f"the request body is over the limit of {self.max_bytes} bytes",
+            [detail],
+            path=route_path(scope),
+        )
+        await response(scope, receive, send)
+
+
+def mark_cold_response(app: FastAPI) -> None:
+    """`X-Cold-Start: true` on the first response of this process (environment), `false` after."""
+    responses = itertools.count()
+
+    @app.middleware("http")
+    async def cold_start_header(request: Request, call_next: Any) -> Any:
+        response = await call_next(request)
+        response.headers["X-Cold-Start"] = "true" if next(responses) == 0 else "false"
+        return response

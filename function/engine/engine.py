@@ -1,0 +1,324 @@
+"""The one owner of the model: load, swap, status, and the request paths. Knows nothing of HTTP.
+
+The served model is one immutable `LoadedModel` behind a reference that is replaced whole,
+under a lock, only after a new model has loaded completely. A request takes the reference
+once and uses it to the end, so requests in flight finish on the model they started with and
+a failed load leaves the old model serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+from function.config import Settings
+from function.engine.batching import MicroBatcher, batch_key, fit_context
+from function.engine.deadline import within_deadline
+from function.engine.limits import encode_prompt, validate_limits
+from function.engine.prompts import build_chat_prompt, build_messages_prompt
+from function.engine.response_cache import ResponseCache
+from function.engine.streaming import StopHoldBack
+from function.engine.telemetry import ColdStartTelemetry
+from function.engine.types import (
+    Completion,
+    EngineStatus,
+    GroupResult,
+    Quantization,
+    SamplingParams,
+    StreamEnd,
+)
+from function.errors import (
+    ForbiddenError,
+    InvalidRequestError,
+    ModelLoadError,
+    ModelLoadInProgressError,
+    ModelNotLoadedError,
+)
+from function.weights.allowlist import check_model_path, default_allowed_paths
+from function.weights.loading import LoadedModel, load_model, pick_device, quantization_from_flags
+
+logger = logging.getLogger(__name__)
+
+
+class Engine:
+    """Holds the served model; `load` swaps it atomically, the request paths use a snapshot of it."""
+
+    def __init__(
+        self, settings: Settings, *, device: str | None = None, startup_phases: dict[str, Any] | None = None
+    ) -> None:
+        self.settings = settings
+        self.device = device or pick_device()
+        self._current: LoadedModel | None = None
+        self._load_lock = threading.Lock()
+        # One `generate` call at a time per process (a batch counts as one): seeds are reproducible
+        # and CPU threads are not oversubscribed. Concurrent requests queue here, or in the batcher.
+        self._generate_lock = threading.Lock()
+        self._startup_error: str | None = None
+        self._last_startup_attempt: float | None = None
+        self.telemetry = ColdStartTelemetry(startup_phases)
+        self.cache = ResponseCache(settings.response_cache_size)
+        # Server mode: groups concurrent requests into one `generate` call. None on Lambda (one request
+        # per execution environment) and with BATCH_MAX_SIZE=1.
+        self.batcher: MicroBatcher[GroupResult] | None = None
+        if settings.torch_compile and settings.on_lambda:
+            logger.warning("TORCH_COMPILE is ignored on Lambda: compiling would land on the cold path")
+        if settings.batch_max_size > 1 and not settings.on_lambda:
+            self.batcher = MicroBatcher(
+                self._run_group, max_size=settings.batch_max_size, window_s=settings.batch_window_ms / 1000
+            )
+
+    @property
+    def compiled(self) -> bool:
+        """TORCH_COMPILE, in server mode only: on Lambda the compile would land on the cold path."""
+        return self.settings.torch_compile and not self.settings.on_lambda
+
+    @property
+    def current(self) -> LoadedModel | None:
+        return self._current
+
+    @property
+    def loading(self) -> bool:
+        return self._load_lock.locked()
+
+    @property
+    def generating(self) -> bool:
+        return self._generate_lock.locked()
+
+    def status(self) -> EngineStatus:
+        loaded = self._current
+        if loaded is not None:
+            return EngineStatus("healthy", loaded.name, loaded.device, None)
+        if self.loading:
+            return EngineStatus("loading", None, self.device, "the model is loading")
+        return EngineStatus("unhealthy", None, self.device, self._not_loaded_reason())
+
+    def cold_start(self) -> dict[str, Any] | None:
+        """The start-up phases of this process, or None when no start-up model was loaded."""
+        return self.telemetry.phases()
+
+    def _not_loaded_reason(self) -> str:
+        if self._startup_error is not None:
+            return f"the start-up model failed to load: {self._startup_error}"
+        if self.settings.model_path is None:
+            return "no model configured: set MODEL_PATH or call /load_model"
+        return "the model has not been loaded yet"
+
+    # Loading.
+
+    def load_startup_model(self) -> None:
+        """Load MODEL_PATH if set; a failure is recorded for /health, never raised."""
+        if self.settings.model_path is None or self._current is not None:
+            return
+        self._last_startup_attempt = time.monotonic()
+        quantization = quantization_from_flags(self.settings.load_in_8bit, self.settings.load_in_4bit)
+        try:
+            loaded, _ = self.load(self.settings.model_path, quantization)
+            self.telemetry.record_load(loaded)
+        except ModelLoadInProgressError:
+            return
+        except ModelLoadError as exc:
+            self._startup_error = exc.message
+            logger.error("start-up model load failed: %s", exc.message)
+
+    def ensure_loaded(self) -> None:
+        """Retry a failed start-up load, at most once per `load_retry_interval_s`."""
+        if self._current is not None or self.settings.model_path is None or self.loading:
+            return
+        last = self._last_startup_attempt
+        if last is None or time.monotonic() - last >= self.settings.load_retry_interval_s:
+            self.load_startup_model()
+
+    def load(
+        self, model_path: str, quantization: Quantization = "none"
+    ) -> tuple[LoadedModel, LoadedModel | None]:
+        """Load beside the current model, then swap. Returns (new, previous). 409-style error if busy."""
+        if not self._load_lock.acquire(blocking=False):
+            raise ModelLoadInProgressError("a model load is already running; retry when it has finished")
+        try:
+            new = load_model(model_path, quantization, self.settings, self.device)
+            previous, self._current = self._current, new
+            self.cache.clear()  # answers of the old model must not outlive it
+            self._startup_error = None
+        finally:
+            self._load_lock.release()
+        logger.info(
+            "model loaded: %s (%s, %s, %.2fs)", new.name, new.dtype, new.quantization, new.load_seconds
+        )
+        return new, previous
+
+    @property
+    def allowed_model_paths(self) -> list[str]:
+        return self.settings.allowed_model_paths or default_allowed_paths(self.settings.model_path)
+
+    def load_requested(
+        self, model_path: str, quantization: Quantization = "none"
+    ) -> tuple[LoadedModel, LoadedModel | None]:
+        """A load asked for at run time (/load_model): policy and allow-list first, before any I/O."""
+        if self.settings.on_lambda and not self.settings.allow_runtime_model_load:
+            raise ForbiddenError(
+                "runtime model loading is disabled on Lambda: it would change one execution environment "
+                "only. Redeploy with the new model URI (the ModelPrefix parameter), or set "
+                "ALLOW_RUNTIME_MODEL_LOAD=true"
+            )
+        check_model_path(model_path, self.allowed_model_paths)
+        return self.load(model_path, quantization)
+
+    def require_model(self) -> LoadedModel:
+        self.ensure_loaded()
+        loaded = self._current
+        if loaded is None:
+            raise ModelNotLoadedError(self._not_loaded_reason())
+        return loaded
+
+    # The request paths.
+
+    def generate(self, prompt: str, params: SamplingParams) -> Completion:
+        validate_limits(params, self.settings)
+        return self._complete(self.require_model(), prompt, params, add_special_tokens=True)
+
+    def chat(self, instruction: str, input_text: str, params: SamplingParams) -> Completion:
+        validate_limits(params, self.settings)
+        loaded = self.require_model()
+        prompt = build_chat_prompt(loaded, instruction, input_text, self.settings)
+        # A chat template writes its own special tokens (BOS); don't add them twice.
+        return self._complete(loaded, prompt, params, add_special_tokens=not loaded.chat_template)
+
+    def chat_messages(self, messages: list[dict[str, str]], params: SamplingParams) -> Completion:
+        validate_limits(params, self.settings)
+        loaded = self.require_model()
+        prompt = build_messages_prompt(loaded, messages, self.settings)
+        return self._complete(loaded, prompt, params, add_special_tokens=not loaded.chat_template)
+
+    def stream(self, prompt: str | list[dict[str, str]], params: SamplingParams) -> Iterator[str | StreamEnd]:
+        """Text deltas as they are generated, then a StreamEnd. `prompt` is text or OpenAI-style messages.
+
+        Text that could begin a stop string is held back; the deltas always add up to the same text a
+        non-streamed request returns. Checks run here, before the first delta: a bad request fails
+        before a response starts.
+        """
+        validate_limits(params, self.settings)
+        if params.num_return_sequences != 1:
+            raise InvalidRequestError("streaming returns one sequence: n must be 1", field="n", limit=1)
+        loaded = self.require_model()
+        if isinstance(prompt, list):
+            text, special = build_messages_prompt(loaded, prompt, self.settings), not loaded.chat_template
+        else:
+            text, special = prompt, True
+        encoded, prompt_tokens = encode_prompt(
+            loaded, text, params, self.settings, add_special_tokens=special
+        )
+        return self._stream(loaded, encoded, prompt_tokens, within_deadline(params))
+
+    def _stream(
+        self, loaded: LoadedModel, encoded: Any, prompt_tokens: int, params: SamplingParams
+    ) -> Iterator[str | StreamEnd]:
+        from transformers import TextIteratorStreamer
+
+        from function.engine.generation import run_generation
+
+        streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                with self._generate_lock:
+                    outcome["result"] = run_generation(
+                        loaded, encoded, params, None, streamer=streamer, compiled=self.compiled
+                    )
+            except BaseException as exc:  # surfaced to the reader below
+                outcome["error"] = exc
+                streamer.end()
+
+        worker = threading.Thread(target=work, name="generate-stream", daemon=True)
+        worker.start()
+        hold_back = StopHoldBack(params.stop)
+        for delta in streamer:
+            if safe := hold_back.feed(delta):
+                yield safe
+        worker.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        row = outcome["result"]
+        if rest := hold_back.finish(row.continuations[0]):
+            yield rest
+        yield StreamEnd(row.finish_reasons[0], prompt_tokens, row.completion_tokens, loaded.name)
+
+    def _complete(
+        self, loaded: LoadedModel, prompt: str, params: SamplingParams, *, add_special_tokens: bool
+    ) -> Completion:
+        cache_key = self.cache.key(loaded, prompt, params, add_special_tokens)
+        if cache_key is not None and (cached := self.cache.get(cache_key)) is not None:
+            return replace(cached, generation_time=0.0, batch_size=0)  # answered without a generate call
+        encoded, prompt_tokens = encode_prompt(
+            loaded, prompt, params, self.settings, add_special_tokens=add_special_tokens
+        )
+        params = within_deadline(params)
+        if self.batcher is None:
+            result = self._run_group(loaded, [(encoded, params)])[0]
+        else:
+            key = batch_key(loaded, params, reduced_precision=self.settings.batch_reduced_precision)
+            result = self.batcher.submit(loaded, encoded, params, key)
+        completion = Completion(
+            prompt=prompt,
+            continuations=result.row.continuations,
+            finish_reasons=result.row.finish_reasons,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=result.row.completion_tokens,
+            generation_time=round(result.seconds, 4),
+            model_name=loaded.name,
+            batch_size=result.batch_size,
+        )
+        if cache_key is not None:
+            self.cache.put(cache_key, completion)
+        return completion
+
+    def _run_group(self, loaded: LoadedModel, items: list[tuple[Any, SamplingParams]]) -> list[GroupResult]:
+        """`generate` calls for prompts that share their sampling parameters (see batching.batch_key):
+        one call, or more where padding to the longest prompt and decoding to the largest
+        max_new_tokens would pass the model's context."""
+        from function.engine.generation import run_batch
+
+        out: list[GroupResult] = []
+        with self._generate_lock:
+            for call in fit_context(items, loaded.context_length):
+                started = time.perf_counter()
+                on_first_token = self.telemetry.first_token_recorder(started)
+                rows = run_batch(loaded, call, on_first_token, compiled=self.compiled)
+                elapsed = time.perf_counter() - started
+                out += [GroupResult(row, elapsed, len(call)) for row in rows]
+        return out
+
+
+_engine: Engine | None = None
+_engine_lock = threading.Lock()
+
+
+def get_engine(settings: Settings, startup_phases: dict[str, Any] | None = None) -> Engine:
+    """The process-wide engine, built once; its start-up model loads on first build.
+
+    Called from the app factory and the Lambda entry, never from an ASGI lifespan hook (Mangum
+    would run that on every invocation). `startup_phases` carries what the entry point measured:
+    `began` (perf_counter at its start), `imports_s`, `rss_after_imports_mb`. A second call with
+    other settings is a programming error: it raises instead of silently serving the first ones.
+    """
+    global _engine
+    with _engine_lock:
+        if _engine is None:
+            _engine = Engine(settings, startup_phases=startup_phases)
+            _engine.load_startup_model()
+        elif _engine.settings != settings:
+            raise RuntimeError(
+                "get_engine() was already called with other settings: build an Engine(settings) of its own"
+            )
+        return _engine
+
+
+def reset_engine() -> None:
+    """Forget the process-wide engine (tests that exercise get_engine itself)."""
+    global _engine
+    with _engine_lock:
+        _engine = None

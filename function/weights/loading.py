@@ -1,0 +1,236 @@
+"""Load a tokenizer and model from resolved weights: device, dtype, quantization.
+
+Always offline and safe: `local_files_only=True`, `trust_remote_code=False`, safetensors only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import re
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from function.config import Settings, enforce_hub_offline
+from function.engine.types import Quantization
+from function.errors import InvalidRequestError, ModelLoadError
+from function.weights.fetcher import FetchResult
+from function.weights.resolve import ResolvedWeights, resolve_weights
+
+logger = logging.getLogger(__name__)
+enforce_hub_offline()  # before transformers (imported inside the functions below) reads it
+
+# What loading a model imports. transformers imports most of these lazily on first use (about 2 s
+# on the first from_pretrained); the Lambda entry imports them up front, while the weights download.
+RUNTIME_MODULES = (
+    "torch",
+    "safetensors.torch",
+    "transformers",
+    "transformers.modeling_utils",
+    "transformers.models.auto.configuration_auto",
+    "transformers.models.auto.modeling_auto",
+    "transformers.models.auto.tokenization_auto",
+    "transformers.generation.utils",
+)
+FALLBACK_CONTEXT_LENGTH = 2048
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """Everything one served model needs; immutable, swapped as a whole."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    path: str
+    device: str
+    dtype: str
+    quantization: Quantization
+    parameter_count: int
+    context_length: int
+    chat_template: bool
+    resolve_seconds: float
+    load_seconds: float
+    loaded_at: datetime
+    fetch: FetchResult | None = None
+
+    def memory_bytes(self) -> int:
+        return int(self.model.get_memory_footprint())
+
+
+def import_runtime() -> None:
+    """Import everything a model load needs, now rather than lazily inside the first load."""
+    for name in RUNTIME_MODULES:
+        importlib.import_module(name)
+
+
+def quantization_from_flags(load_in_8bit: bool, load_in_4bit: bool) -> Quantization:
+    if load_in_8bit and load_in_4bit:
+        raise InvalidRequestError(
+            "load_in_8bit and load_in_4bit are exclusive: ask for at most one", field="load_in_4bit"
+        )
+    return "8bit" if load_in_8bit else "4bit" if load_in_4bit else "none"
+
+
+def pick_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 instructions (AVX512-BF16 or AMX), read from /proc/cpuinfo."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def count_checkpoint_parameters(local_dir: Path) -> int:
+    """Parameters in the safetensors files, from their headers (no weights are read)."""
+    from safetensors import safe_open
+
+    total = 0
+    for shard in sorted(local_dir.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                numel = 1
+                for dim in handle.get_slice(key).get_shape():
+                    numel *= dim
+                total += numel
+    return total
+
+
+def choose_dtype(device: str, checkpoint_dtype: Any, parameters: int, settings: Settings) -> Any:
+    """CUDA: the checkpoint's half dtype. CPU: fp32, or bf16 where native and measured faster."""
+    import torch
+
+    if device == "cuda":
+        if checkpoint_dtype in (torch.bfloat16, torch.float16):
+            return checkpoint_dtype
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if settings.cpu_dtype == "float32":
+        return torch.float32
+    if settings.cpu_dtype == "bfloat16":
+        return torch.bfloat16
+    use_bf16 = cpu_has_native_bf16() and parameters >= settings.cpu_bf16_min_parameters
+    return torch.bfloat16 if use_bf16 else torch.float32
+
+
+def _quantization_config(quantization: Quantization, compute_dtype: Any) -> Any:
+    if quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_use_double_quant=True,
+    )
+
+
+def safe_reason(exc: BaseException, local_dir: Path) -> str:
+    """An exception's text with local paths removed, short enough for an error body."""
+    text = str(exc).replace(str(local_dir), "<model_path>")
+    text = re.sub(r"(?<![\w<])/(?:[\w.\-]+/)*[\w.\-]+", "<path>", text)
+    text = " ".join(text.split())
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
+def _release_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _context_length(config: Any, tokenizer: Any) -> int:
+    for attribute in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, attribute, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < 10**7:
+        return limit
+    return FALLBACK_CONTEXT_LENGTH
+
+
+def load_model(model_path: str, quantization: Quantization, settings: Settings, device: str) -> LoadedModel:
+    """Resolve, then load tokenizer and model. Raises `ModelLoadError` with a client-safe reason."""
+    weights = resolve_weights(model_path, settings.model_cache_dir)
+    started = time.perf_counter()
+    try:
+        loaded = _from_pretrained(weights, quantization, settings, device)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # transformers, torch and bitsandbytes raise many types; none may escape raw
+        logger.exception("model load failed")
+        if "OutOfMemoryError" in type(exc).__name__:
+            _release_memory()
+            raise ModelLoadError(
+                "the new model does not fit in memory beside the one being served; the old "
+                "model keeps serving (try load_in_8bit or load_in_4bit)",
+                field="model_path",
+            ) from exc
+        raise ModelLoadError(
+            "the model could not be loaded: " + safe_reason(exc, weights.local_dir), field="model_path"
+        ) from exc
+    load_seconds = time.perf_counter() - started
+    model, tokenizer, dtype, context_length, parameters = loaded
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=weights.name,
+        path=model_path,
+        device=device,
+        dtype=str(dtype).removeprefix("torch."),
+        quantization=quantization,
+        parameter_count=parameters,
+        context_length=context_length,
+        chat_template=bool(settings.use_chat_template and getattr(tokenizer, "chat_template", None)),
+        resolve_seconds=weights.resolve_seconds,
+        load_seconds=load_seconds,
+        loaded_at=datetime.now(UTC),
+        fetch=weights.fetch,
+    )
+
+
+def _from_pretrained(
+    weights: ResolvedWeights, quantization: Quantization, settings: Settings, device: str
+) -> tuple[Any, Any, Any, int, int]:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    offline: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
+    config = AutoConfig.from_pretrained(weights.local_dir, **offline)
+    tokenizer = AutoTokenizer.from_pretrained(weights.local_dir, **offline)
+    parameters = count_checkpoint_parameters(weights.local_dir)
+    checkpoint_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    dtype = choose_dtype(device, checkpoint_dtype, parameters, settings)
+    kwargs: dict[str, Any] = {**offline, "use_safetensors": True, "dtype": dtype}
+    quantization_config = _quantization_config(quantization, dtype)
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+        kwargs["device_map"] = {"": device}
+    model: Any
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(weights.local_dir, config=config, **kwargs)
+    if quantization_config is None:
+        model = model.to(device)
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, dtype, _context_length(config, tokenizer), parameters

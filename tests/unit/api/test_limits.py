@@ -1,0 +1,116 @@
+"""Caps: request body, prompt tokens, the Lambda response size, and the per-key rate limit."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from function.api.factory import create_app
+from function.engine.engine import Engine
+from tests.support.settings import make_settings
+
+
+def client_for(demo_model_dir: Path, **overrides: object) -> TestClient:
+    settings = make_settings(model_path=str(demo_model_dir), **overrides)
+    engine = Engine(settings)
+    engine.load_startup_model()
+    return TestClient(create_app(settings, engine))
+
+
+def test_body_over_the_cap_is_413(demo_model_dir: Path) -> None:
+    client = client_for(demo_model_dir, max_request_bytes=2048)
+    at_cap = json.dumps({"prompt": "a" * 1990, "max_new_tokens": 1})
+    assert len(at_cap) <= 2048
+
+    assert (
+        client.post("/generate", content=at_cap, headers={"Content-Type": "application/json"}).status_code
+        == 200
+    )
+    over = client.post(
+        "/generate", content=json.dumps({"prompt": "a" * 2100}), headers={"Content-Type": "application/json"}
+    )
+    assert over.status_code == 413
+    assert over.json()["error"]["details"][0] == {
+        "field": "body",
+        "message": "request body too large",
+        "limit": 2048,
+    }
+
+
+def test_a_streamed_body_without_length_is_counted(demo_model_dir: Path) -> None:
+    client = client_for(demo_model_dir, max_request_bytes=2048)
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"prompt": "'
+        for _ in range(10):
+            yield b"a" * 500
+        yield b'"}'
+
+    response = client.post("/generate", content=chunks(), headers={"Content-Type": "application/json"})
+
+    assert response.status_code == 413
+
+
+def test_prompt_token_cap(demo_model_dir: Path) -> None:
+    client = client_for(demo_model_dir, max_prompt_tokens=5)
+
+    assert client.post("/generate", json={"prompt": "Python", "max_new_tokens": 1}).status_code == 200
+    response = client.post("/generate", json={"prompt": "Python " * 20, "max_new_tokens": 1})
+    assert response.status_code == 413
+    detail = response.json()["error"]["details"][0]
+    assert detail["field"] == "prompt" and detail["limit"] == 5
+
+
+def test_rate_limit_per_key_with_retry_after(demo_model_dir: Path) -> None:
+    client = client_for(demo_model_dir, rate_limit="3/minute", api_keys=["key-a", "key-b"])
+    body = {"prompt": "x", "max_new_tokens": 1}
+
+    statuses = [
+        client.post("/generate", json=body, headers={"X-API-Key": "key-a"}).status_code for _ in range(4)
+    ]
+    limited = client.post("/generate", json=body, headers={"X-API-Key": "key-a"})
+
+    assert statuses == [200, 200, 200, 429]
+    assert limited.json()["error"]["code"] == "rate_limited"
+    assert 1 <= int(limited.headers["Retry-After"]) <= 60
+    assert (
+        client.post("/generate", json=body, headers={"X-API-Key": "key-b"}).status_code == 200
+    )  # its own window
+    assert all(client.get("/health").status_code == 200 for _ in range(5))  # probes are never limited
+
+
+def test_wrong_keys_are_rate_limited_by_client_address(demo_model_dir: Path) -> None:
+    client = client_for(demo_model_dir, rate_limit="2/minute", api_keys=["right-key"])
+
+    statuses = [client.get("/model_info", headers={"X-API-Key": f"guess-{i}"}).status_code for i in range(3)]
+
+    assert statuses == [401, 401, 429]
+
+
+def test_rate_limit_by_client_address_when_open(demo_model_dir: Path) -> None:
+    client = client_for(demo_model_dir, rate_limit="2/minute")
+
+    statuses = [client.get("/model_info").status_code for _ in range(3)]
+
+    assert statuses == [200, 200, 429]
+
+
+def test_no_rate_limiter_on_lambda(demo_model_dir: Path) -> None:
+    client = client_for(demo_model_dir, rate_limit="1/minute", aws_lambda_function_name="fn")
+
+    assert [client.get("/model_info").status_code for _ in range(3)] == [200, 200, 200]
+
+
+@pytest.mark.parametrize("route", ["/generate", "/chat"])
+def test_openapi_states_the_servers_limits(demo_model_dir: Path, route: str) -> None:
+    client = client_for(demo_model_dir, max_new_tokens=77, max_num_return_sequences=2)
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+
+    model = "GenerateRequest" if route == "/generate" else "ChatRequest"
+    assert schemas[model]["properties"]["max_new_tokens"]["maximum"] == 77
+    if route == "/generate":
+        assert schemas[model]["properties"]["num_return_sequences"]["maximum"] == 2

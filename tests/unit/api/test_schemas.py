@@ -1,0 +1,82 @@
+"""The validation layer: every bound at its limit (accepted) and past it (422 naming field and limit)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.support.cases import CASE_IDS, CASES
+from tests.support.settings import TEST_MAX_NEW_TOKENS
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "status", "field", "limit"),
+    CASES,
+    ids=CASE_IDS,
+)
+def test_bounds(
+    client: TestClient, route: str, body: dict[str, Any], status: int, field: str | None, limit: Any
+) -> None:
+    # WHEN the request is sent
+    response = client.post(route, json=body)
+
+    # THEN it is accepted at the limit, and refused past it with the field and the limit named
+    assert response.status_code == status, response.text
+    if status == 200:
+        return
+    error = response.json()["error"]
+    assert error["status"] == status
+    assert error["code"] == "invalid_request"
+    fields = [detail["field"] for detail in error["details"]]
+    assert field in fields
+    if limit is not None:
+        detail = next(d for d in error["details"] if d["field"] == field)
+        assert detail["limit"] == limit
+    assert field in error["message"]
+
+
+def test_context_overflow_is_413_naming_both_numbers_and_the_limit(client: TestClient) -> None:
+    # GIVEN a prompt that nearly fills the demo model's 2048-token context
+    prompt = "Python " * 2100
+
+    # WHEN it asks for more new tokens than are left
+    response = client.post("/generate", json={"prompt": prompt, "max_new_tokens": 2})
+
+    # THEN 413 names the prompt's tokens, max_new_tokens and the context length
+    assert response.status_code == 413
+    error = response.json()["error"]
+    assert error["code"] == "context_length_exceeded"
+    assert "max_new_tokens is 2" in error["message"]
+    assert "context length of 2048" in error["message"]
+    assert error["details"][0]["limit"] == 2048
+
+
+@pytest.mark.parametrize("raw", [b"{bad json", b'{"prompt": "a",}', b"\xff\xfe"])
+def test_malformed_json_is_400(client: TestClient, raw: bytes) -> None:
+    response = client.post("/generate", content=raw, headers={"Content-Type": "application/json"})
+
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_json"
+
+
+@pytest.mark.parametrize("raw", [b"[1, 2]", b'"prompt"', b"null"])
+def test_json_that_is_not_an_object_is_422(client: TestClient, raw: bytes) -> None:
+    response = client.post("/generate", content=raw, headers={"Content-Type": "application/json"})
+
+    assert response.status_code == 422
+    assert response.json()["error"]["details"][0]["field"] == "body"
+
+
+def test_default_max_new_tokens_is_capped_by_the_server_limit(client: TestClient) -> None:
+    # GIVEN a server whose MAX_NEW_TOKENS (24) is below the guide's default (256)
+    # WHEN a request leaves max_new_tokens out, THEN it is served with at most the limit
+    response = client.post("/generate", json={"prompt": "a", "temperature": 0, "repetition_penalty": 1.0})
+    assert response.status_code == 200
+    assert response.json()["usage"]["completion_tokens"] <= TEST_MAX_NEW_TOKENS
+
+    # but an explicit 256 is refused with the limit named
+    explicit = client.post("/generate", json={"prompt": "a", "max_new_tokens": 256})
+    assert explicit.status_code == 422
+    assert explicit.json()["error"]["details"][0]["limit"] == TEST_MAX_NEW_TOKENS
