@@ -12,13 +12,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path, PurePosixPath
@@ -38,6 +41,7 @@ from function.weights.s3 import S3Location, client_error_code, describe_client_e
 logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = ".complete"
+LOCKS_DIR = ".locks"  # empty lock files, one per cache directory: never data, never removed
 PART_SIZE = 8 * 1024 * 1024
 MAX_WORKERS = 16
 STREAM_ATTEMPTS = 4
@@ -121,6 +125,12 @@ class ModelFetcher:
                 field="model_path",
             )
         target = self.cache_root / _cache_key(location, files)
+        with cache_lock(target):  # one fetch of this listing at a time, across threads and processes
+            return self._fetch_into(location, files, target, started)
+
+    def _fetch_into(
+        self, location: S3Location, files: list[RemoteFile], target: Path, started: float
+    ) -> FetchResult:
         self._remove_leftovers(keep=target)
         total = sum(f.size for f in files)
         if (target / COMPLETE_MARKER).is_file():
@@ -204,12 +214,14 @@ class ModelFetcher:
             return
         same_prefix = keep.name.split("-", 1)[0] + "-"
         for entry in self.cache_root.iterdir():
-            if entry == keep:
+            if entry == keep or entry.name == LOCKS_DIR:
                 continue
             if not entry.is_dir():
                 entry.unlink(missing_ok=True)
             elif entry.name.startswith(same_prefix) or not (entry / COMPLETE_MARKER).is_file():
-                shutil.rmtree(entry, ignore_errors=True)
+                with cache_lock(entry, wait=False) as free:
+                    if free:  # a fetch in progress (this process or another) keeps its directory
+                        shutil.rmtree(entry, ignore_errors=True)
         if keep.is_dir():
             for part in keep.rglob("*.part"):
                 part.unlink(missing_ok=True)
@@ -274,6 +286,25 @@ class ModelFetcher:
             verify_s3_checksum(remote.name, path, head)
         elif remote.name != MANIFEST_NAME:
             verify_against_manifest(remote.name, path, manifest)
+
+
+@contextmanager
+def cache_lock(target: Path, *, wait: bool = True) -> Iterator[bool]:
+    """An exclusive lock on one cache directory (`flock` on `.locks/<dir>.lock` beside it), held while it is
+    fetched: a second fetch of the same listing waits and then finds it complete, and cleanup never
+    removes a directory another fetch is writing. Yields whether the lock was taken (`wait=False`)."""
+    locks = target.parent / LOCKS_DIR
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{target.name}.lock", "a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _partial_path(target: Path, remote: RemoteFile) -> Path:
