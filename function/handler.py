@@ -17,8 +17,9 @@ from function.config import get_settings  # noqa: E402
 from function.weights.prefetch import prefetch  # noqa: E402
 
 settings = get_settings()
-if settings.model_path and settings.model_path.startswith("s3://"):
-    prefetch(settings.model_path, settings.model_cache_dir)
+for path in (settings.model_path, settings.base_model_path, *settings.adapters.values()):
+    if path and path.startswith("s3://"):  # the model, an adapter's base and the named adapters: at once
+        prefetch(path, settings.model_cache_dir)
 
 import logging  # noqa: E402
 

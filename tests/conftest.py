@@ -17,6 +17,7 @@ from function.api.factory import create_app
 from function.config import Settings
 from function.demo_model import DemoModelSize, build_demo_model
 from function.engine.engine import Engine
+from tests.support.adapters import build_lora_adapter
 from tests.support.settings import make_settings
 
 # Every variable Settings reads: pydantic-settings maps field `model_path` to MODEL_PATH (in any case).
@@ -84,6 +85,17 @@ def slow_model_dir(models_root: Path) -> Path:
     """Big enough (~25M parameters) that a load lasts long enough to race against."""
     size = DemoModelSize(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1536)
     return build_demo_model(models_root / "slow_model", size=size)
+
+
+@pytest.fixture(scope="session")
+def adapter_dir(models_root: Path, demo_model_dir: Path) -> Path:
+    """A LoRA adapter over the demo model, as a peft run saves it (its config names the base)."""
+    return build_lora_adapter(demo_model_dir, models_root / "adapter_sql", seed=1)
+
+
+@pytest.fixture(scope="session")
+def second_adapter_dir(models_root: Path, demo_model_dir: Path) -> Path:
+    return build_lora_adapter(demo_model_dir, models_root / "adapter_chat", seed=2)
 
 
 @pytest.fixture

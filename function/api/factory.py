@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from function import __version__
-from function.api import openai_routes, routes
+from function.api import docs, openai_routes, routes
 from function.api.auth import warn_if_open
 from function.api.errors import ERROR_RESPONSES, install_error_handlers
 from function.api.middleware import BodySizeLimit, mark_cold_response
@@ -30,6 +30,8 @@ def create_app(
         version=__version__,
         description="A fine-tuned causal language model behind the original server guide's API.",
         responses=ERROR_RESPONSES,
+        docs_url=None,  # docs.router serves them from the package: FastAPI's own load a CDN's assets
+        redoc_url=None,
     )
     app.state.engine = engine
     app.state.settings = settings
@@ -44,11 +46,13 @@ def create_app(
     install_observability(app, sink=request_sink)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.include_router(routes.router)
+    app.include_router(docs.router)
     return app
 
 
 def publish_server_limits(app: FastAPI, settings: Settings) -> None:
-    """Put the settings' bounds into /openapi.json, so the docs state the limits requests meet."""
+    """Put the settings' bounds and adapter names into /openapi.json, so the docs state what requests
+    meet, and lower the request examples to the bounds, so "Try it out" sends what this server accepts."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -64,11 +68,34 @@ def publish_server_limits(app: FastAPI, settings: Settings) -> None:
             "n": settings.max_num_return_sequences,
         }
         for model in ("GenerateRequest", "ChatRequest", "CompletionRequest", "ChatCompletionRequest"):
-            for name, field in components.get(model, {}).get("properties", {}).items():
+            component = components.get(model, {})
+            for name, field in component.get("properties", {}).items():
                 if name in bounds:
                     for branch in field.get("anyOf", [field]):  # optional fields: bound the integer branch
                         if branch.get("type") == "integer":
                             branch["maximum"] = bounds[name]
+            if "adapter" in component.get("properties", {}):  # the adapters this server loads, by name
+                named = [{"type": "string", "enum": list(settings.adapters)}] if settings.adapters else []
+                component["properties"]["adapter"]["anyOf"] = [*named, {"type": "null"}]
+            if "examples" in component:  # new dicts: the model's own examples keep the guide's numbers
+                order = list(component.get("properties", {}))
+                component["examples"] = [
+                    example_within_bounds(example, bounds, order) for example in component["examples"]
+                ]
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def example_within_bounds(
+    example: dict[str, Any], bounds: dict[str, int], order: list[str]
+) -> dict[str, Any]:
+    """The example with each bounded integer lowered to its bound, its keys in field order (pydantic
+    sorts them, which would put `do_sample` before `prompt`)."""
+    names = sorted(example, key=lambda name: order.index(name) if name in order else len(order))
+    return {
+        name: min(example[name], bounds[name])
+        if name in bounds and isinstance(example[name], int)
+        else example[name]
+        for name in names
+    }

@@ -47,23 +47,23 @@ router = APIRouter(
 
 @router.get("/models")
 def list_models(engine: EngineDep) -> dict[str, Any]:
+    """The base model, then each adapter a request may name in `model`."""
     loaded = engine.require_model()
+    created = int(loaded.loaded_at.timestamp())
     return {
         "object": "list",
         "data": [
-            {
-                "id": loaded.name,
-                "object": "model",
-                "created": int(loaded.loaded_at.timestamp()),
-                "owned_by": "llm-function",
-            }
+            {"id": name, "object": "model", "created": created, "owned_by": "llm-function"}
+            for name in (loaded.name, *loaded.adapters)
         ],
     }
 
 
 @router.post("/completions", response_model=None, responses=STREAMABLE)
 def completions(body: CompletionRequest, request: Request, engine: EngineDep) -> Any:
-    params = body.sampling_params(engine.settings.max_new_tokens)
+    params = replace(
+        body.sampling_params(engine.settings.max_new_tokens), adapter=engine.adapter_named(body.model)
+    )
     if body.stream:
         _refuse_stream_on_lambda(request)
         return openai_sse(_choices(engine, body.prompt, params), "text_completion", chat=False)
@@ -84,7 +84,9 @@ def completions(body: CompletionRequest, request: Request, engine: EngineDep) ->
 
 @router.post("/chat/completions", response_model=None, responses=STREAMABLE)
 def chat_completions(body: ChatCompletionRequest, request: Request, engine: EngineDep) -> Any:
-    params: SamplingParams = body.sampling_params(engine.settings.max_new_tokens)
+    params = replace(
+        body.sampling_params(engine.settings.max_new_tokens), adapter=engine.adapter_named(body.model)
+    )
     messages = [message.model_dump() for message in body.messages]
     if body.stream:
         _refuse_stream_on_lambda(request)
@@ -107,6 +109,12 @@ def chat_completions(body: ChatCompletionRequest, request: Request, engine: Engi
         ],
         "usage": usage(result.prompt_tokens, result.completion_tokens),
     }
+
+
+def sampling_params(body: CompletionRequest | ChatCompletionRequest, engine: Engine) -> SamplingParams:
+    """The request's parameters, with the adapter its `model` names (the base for any other name)."""
+    params = body.sampling_params(engine.settings.max_new_tokens)
+    return replace(params, adapter=engine.adapter_named(body.model))
 
 
 def _refuse_stream_on_lambda(request: Request) -> None:

@@ -24,7 +24,11 @@ class _Sampling(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    model: str | None = Field(default=None, description="Ignored: the served model answers.")
+    model: str | None = Field(
+        default=None,
+        description="A LoRA adapter's name (see /v1/models) selects it; the base model's name, or any "
+        "other, selects the base.",
+    )
     max_tokens: PositiveInt | None = Field(default=None, description="Default: min(256, MAX_NEW_TOKENS).")
     max_completion_tokens: PositiveInt | None = None
     temperature: Float = Field(default=1.0, ge=0, le=2)
@@ -56,6 +60,19 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "final_model",
+                    "prompt": "What is the capital of France?",
+                    "max_tokens": 64,
+                    "temperature": 0.7,
+                }
+            ]
+        }
+    )
+
     prompt: str = Field(min_length=1)
 
 
@@ -65,6 +82,22 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_Sampling):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "final_model",
+                    "messages": [
+                        {"role": "system", "content": "You are a helpful assistant."},
+                        {"role": "user", "content": "What is the capital of France?"},
+                    ],
+                    "max_tokens": 64,
+                    "temperature": 0.7,
+                }
+            ]
+        }
+    )
+
     messages: list[ChatMessage] = Field(min_length=1)
 
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from function.api.dependencies import EngineDep, admin_access, user_access
 from function.api.observability import record_generation
 from function.api.schemas import (
+    AdapterInfo,
     ChatRequest,
     ChatResponse,
     ColdStart,
@@ -24,9 +25,11 @@ from function.api.schemas import (
     ModelInfoResponse,
     Usage,
 )
+from function.engine.engine import Engine
 from function.weights.loading import quantization_from_flags
 
 router = APIRouter()
+UNHEALTHY_HEADERS = {"Retry-After": "5"}  # /health's 503: a load may be under way
 
 
 def gigabytes(num_bytes: float) -> str:
@@ -40,6 +43,21 @@ def human_size(num_bytes: float) -> str:
 
 @router.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
 def health(engine: EngineDep) -> Any:
+    status_code, body = health_report(engine)
+    if status_code == 200:
+        return body
+    return JSONResponse(status_code=status_code, content=body.model_dump(), headers=UNHEALTHY_HEADERS)
+
+
+@router.head("/health", include_in_schema=False)
+def health_head(engine: EngineDep) -> Response:
+    """GET's status without the body, for probes that send HEAD (load balancers, uptime checks)."""
+    status_code, _ = health_report(engine)
+    return Response(status_code=status_code, headers=UNHEALTHY_HEADERS if status_code != 200 else None)
+
+
+def health_report(engine: Engine) -> tuple[int, HealthResponse]:
+    """/health's status code and body: 200 when the model is loaded, 503 with the reason otherwise."""
     engine.ensure_loaded()
     status = engine.status()
     body = HealthResponse(
@@ -49,9 +67,7 @@ def health(engine: EngineDep) -> Any:
         device=status.device,
         reason=status.reason,
     )
-    if status.state == "healthy":
-        return body
-    return JSONResponse(status_code=503, content=body.model_dump(), headers={"Retry-After": "5"})
+    return (200 if status.state == "healthy" else 503), body
 
 
 @router.post("/generate", response_model=GenerateResponse, dependencies=[Depends(user_access)])
@@ -107,6 +123,9 @@ def model_info(engine: EngineDep) -> ModelInfoResponse:
             total_s=round(loaded.resolve_seconds + loaded.load_seconds, 4),
         ),
         loaded_at=loaded.loaded_at.isoformat(),
+        base_model_path=loaded.base_path,
+        adapter=AdapterInfo(name=loaded.adapter, merged=loaded.adapter_merged) if loaded.adapter else None,
+        adapters=list(loaded.adapters),
         cold_start=ColdStart(**phases) if (phases := engine.cold_start()) else None,
     )
 
@@ -114,12 +133,24 @@ def model_info(engine: EngineDep) -> ModelInfoResponse:
 @router.post("/load_model", response_model=LoadModelResponse, dependencies=[Depends(admin_access)])
 def load_model(
     engine: EngineDep,
-    model_path: Annotated[str, Query(min_length=1, description="Local directory (s3:// in Lambda builds).")],
+    model_path: Annotated[
+        str,
+        Query(
+            min_length=1,
+            description="A model directory or s3:// prefix, or a PEFT adapter's (merged into its base).",
+        ),
+    ],
     load_in_8bit: bool = False,
     load_in_4bit: bool = False,
+    base_model_path: Annotated[
+        str | None,
+        Query(
+            min_length=1, description="An adapter's base; default: the base its adapter_config.json names."
+        ),
+    ] = None,
 ) -> LoadModelResponse:
     quantization = quantization_from_flags(load_in_8bit, load_in_4bit)
-    new, previous = engine.load_requested(model_path, quantization)
+    new, previous = engine.load_requested(model_path, quantization, base_model_path)
     return LoadModelResponse(
         status="loaded",
         model_name=new.name,

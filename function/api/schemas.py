@@ -39,11 +39,30 @@ _NOT_SPACE = re.compile(r"\S")
 NonEmptyText = Annotated[
     str, Field(min_length=1, json_schema_extra={"pattern": r"\S"}), AfterValidator(_not_blank)
 ]
+AdapterName = Annotated[str, Field(min_length=1, max_length=64)]
 StopStrings = Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)]
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # The guide's request body for /generate, then its curl example: what "Try it out" pre-fills.
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "prompt": "Python이란 무엇인가요?",
+                    "max_new_tokens": 256,
+                    "temperature": 0.7,
+                    "top_p": 0.9,
+                    "top_k": 50,
+                    "repetition_penalty": 1.1,
+                    "do_sample": True,
+                    "num_return_sequences": 1,
+                },
+                {"prompt": "Python이란?", "max_new_tokens": 100, "temperature": 0.7},
+            ]
+        },
+    )
 
     prompt: NonEmptyText
     max_new_tokens: Int = Field(default=256, ge=1)
@@ -57,6 +76,9 @@ class GenerateRequest(BaseModel):
         default=None, description="Up to 4 strings; generation stops before the first one produced."
     )
     seed: Seed | None = Field(default=None, description="Makes sampling reproducible.")
+    adapter: AdapterName | None = Field(
+        default=None, description="A LoRA adapter served beside the base (ADAPTERS); default: the base model."
+    )
 
     def sampling_params(self, max_new_tokens_limit: int) -> SamplingParams:
         return SamplingParams(
@@ -69,11 +91,27 @@ class GenerateRequest(BaseModel):
             num_return_sequences=self.num_return_sequences,
             stop=tuple(self.stop or ()),
             seed=self.seed,
+            adapter=self.adapter,
         )
 
 
 class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # The guide's request body for /chat, then its curl example.
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "instruction": "Python에서 리스트를 정렬하는 방법을 알려주세요",
+                    "input": "",
+                    "max_new_tokens": 256,
+                    "temperature": 0.7,
+                    "top_p": 0.9,
+                },
+                {"instruction": "머신러닝을 설명하세요", "max_new_tokens": 150},
+            ]
+        },
+    )
 
     instruction: NonEmptyText
     input: str = ""
@@ -82,6 +120,9 @@ class ChatRequest(BaseModel):
     top_p: Float = Field(default=0.9, gt=0, le=1)
     stop: StopStrings | None = None
     seed: Seed | None = None
+    adapter: AdapterName | None = Field(
+        default=None, description="A LoRA adapter served beside the base (ADAPTERS); default: the base model."
+    )
 
     def sampling_params(self, max_new_tokens_limit: int) -> SamplingParams:
         return SamplingParams(
@@ -90,6 +131,7 @@ class ChatRequest(BaseModel):
             top_p=self.top_p,
             stop=tuple(self.stop or ()),
             seed=self.seed,
+            adapter=self.adapter,
         )
 
 
@@ -155,6 +197,13 @@ class ColdStart(BaseModel):
     first_token_s: float | None = Field(description="First token of the first request, once there was one.")
 
 
+class AdapterInfo(BaseModel):
+    name: str
+    merged: bool = Field(
+        description="Merged into the base's weights (full precision), or kept apart (8/4-bit)."
+    )
+
+
 class ModelInfoResponse(BaseModel):
     model_name: str
     model_path: str
@@ -170,6 +219,15 @@ class ModelInfoResponse(BaseModel):
     chat_template: bool = Field(description="Whether /chat uses the tokenizer's chat template.")
     load_timings: LoadTimings
     loaded_at: str
+    base_model_path: str | None = Field(
+        default=None, description="The base model, when model_path is a PEFT adapter."
+    )
+    adapter: AdapterInfo | None = Field(
+        default=None, description="model_path's adapter, when it is one: merged into the base, or not."
+    )
+    adapters: list[str] = Field(
+        default_factory=list, description="LoRA adapters a request may choose (`adapter`, or `model` on /v1)."
+    )
     cold_start: ColdStart | None = Field(
         description="Start-up phases; null when no start-up model was loaded."
     )

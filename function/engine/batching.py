@@ -51,11 +51,12 @@ def batch_key(loaded: LoadedModel, params: SamplingParams, *, reduced_precision:
         if not (reduced_precision or exact_batching(loaded)):
             return None
         # Greedy rows ignore temperature, top_p, top_k and the seed; n is a copy of one row.
-        return id(loaded), "greedy", params.repetition_penalty, params.stop
+        return id(loaded), params.adapter, "greedy", params.repetition_penalty, params.stop
     if params.seed is not None:
         return None  # a seed's random stream belongs to its request alone
     return (
         id(loaded),
+        params.adapter,
         "sample",
         params.temperature,
         params.top_p,

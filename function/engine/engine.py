@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -37,6 +37,7 @@ from function.errors import (
     ModelLoadError,
     ModelLoadInProgressError,
     ModelNotLoadedError,
+    UnknownAdapterError,
 )
 from function.weights.allowlist import check_model_path, default_allowed_paths
 from function.weights.loading import LoadedModel, load_model, pick_device, quantization_from_flags
@@ -116,7 +117,12 @@ class Engine:
         self._last_startup_attempt = time.monotonic()
         quantization = quantization_from_flags(self.settings.load_in_8bit, self.settings.load_in_4bit)
         try:
-            loaded, _ = self.load(self.settings.model_path, quantization)
+            loaded, _ = self.load(
+                self.settings.model_path,
+                quantization,
+                base_model_path=self.settings.base_model_path,
+                adapters=self.settings.adapters,
+            )
             self.telemetry.record_load(loaded)
         except ModelLoadInProgressError:
             return
@@ -133,13 +139,30 @@ class Engine:
             self.load_startup_model()
 
     def load(
-        self, model_path: str, quantization: Quantization = "none"
+        self,
+        model_path: str,
+        quantization: Quantization = "none",
+        *,
+        base_model_path: str | None = None,
+        adapters: dict[str, str] | None = None,
+        check_path: Callable[[str], None] | None = None,
     ) -> tuple[LoadedModel, LoadedModel | None]:
-        """Load beside the current model, then swap. Returns (new, previous). 409-style error if busy."""
+        """Load beside the current model, then swap. Returns (new, previous). 409-style error if busy.
+
+        `model_path` may be a PEFT adapter (its base: `base_model_path`, else the adapter's own
+        config); `adapters` are served beside the base, chosen per request."""
         if not self._load_lock.acquire(blocking=False):
             raise ModelLoadInProgressError("a model load is already running; retry when it has finished")
         try:
-            new = load_model(model_path, quantization, self.settings, self.device)
+            new = load_model(
+                model_path,
+                quantization,
+                self.settings,
+                self.device,
+                base_model_path=base_model_path,
+                adapters=adapters,
+                check_path=check_path,
+            )
             previous, self._current = self._current, new
             self.cache.clear()  # answers of the old model must not outlive it
             self._startup_error = None
@@ -155,41 +178,59 @@ class Engine:
         return self.settings.allowed_model_paths or default_allowed_paths(self.settings.model_path)
 
     def load_requested(
-        self, model_path: str, quantization: Quantization = "none"
+        self, model_path: str, quantization: Quantization = "none", base_model_path: str | None = None
     ) -> tuple[LoadedModel, LoadedModel | None]:
-        """A load asked for at run time (/load_model): policy and allow-list first, before any I/O."""
+        """A load asked for at run time (/load_model): policy and allow-list first, before any I/O on
+        each path (an adapter's base included). ADAPTERS belong to the start-up model only."""
         if self.settings.on_lambda and not self.settings.allow_runtime_model_load:
             raise ForbiddenError(
                 "runtime model loading is disabled on Lambda: it would change one execution environment "
                 "only. Redeploy with the new model URI (the ModelPrefix parameter), or set "
                 "ALLOW_RUNTIME_MODEL_LOAD=true"
             )
-        check_model_path(model_path, self.allowed_model_paths)
-        return self.load(model_path, quantization)
+        allowed = self.allowed_model_paths
+        check_model_path(model_path, allowed)
+        return self.load(
+            model_path,
+            quantization,
+            base_model_path=base_model_path,
+            check_path=lambda path: check_model_path(path, allowed),
+        )
 
-    def require_model(self) -> LoadedModel:
+    def require_model(self, params: SamplingParams | None = None) -> LoadedModel:
+        """The served model; with `params`, also checks that the adapter they name is loaded."""
         self.ensure_loaded()
         loaded = self._current
         if loaded is None:
             raise ModelNotLoadedError(self._not_loaded_reason())
+        if params is not None and params.adapter is not None and params.adapter not in loaded.adapters:
+            known = ", ".join(loaded.adapters) or "none: the base model only"
+            raise UnknownAdapterError(
+                f"unknown adapter {params.adapter!r}; loaded adapters: {known}", field="adapter"
+            )
         return loaded
+
+    def adapter_named(self, model: str | None) -> str | None:
+        """OpenAI's `model` field: an adapter's name selects it; the base's name, or any other, the base."""
+        loaded = self._current
+        return model if loaded is not None and model in loaded.adapters else None
 
     # The request paths.
 
     def generate(self, prompt: str, params: SamplingParams) -> Completion:
         validate_limits(params, self.settings)
-        return self._complete(self.require_model(), prompt, params, add_special_tokens=True)
+        return self._complete(self.require_model(params), prompt, params, add_special_tokens=True)
 
     def chat(self, instruction: str, input_text: str, params: SamplingParams) -> Completion:
         validate_limits(params, self.settings)
-        loaded = self.require_model()
+        loaded = self.require_model(params)
         prompt = build_chat_prompt(loaded, instruction, input_text, self.settings)
         # A chat template writes its own special tokens (BOS); don't add them twice.
         return self._complete(loaded, prompt, params, add_special_tokens=not loaded.chat_template)
 
     def chat_messages(self, messages: list[dict[str, str]], params: SamplingParams) -> Completion:
         validate_limits(params, self.settings)
-        loaded = self.require_model()
+        loaded = self.require_model(params)
         prompt = build_messages_prompt(loaded, messages, self.settings)
         return self._complete(loaded, prompt, params, add_special_tokens=not loaded.chat_template)
 
@@ -203,7 +244,7 @@ class Engine:
         validate_limits(params, self.settings)
         if params.num_return_sequences != 1:
             raise InvalidRequestError("streaming returns one sequence: n must be 1", field="n", limit=1)
-        loaded = self.require_model()
+        loaded = self.require_model(params)
         if isinstance(prompt, list):
             text, special = build_messages_prompt(loaded, prompt, self.settings), not loaded.chat_template
         else:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from function.engine.streaming import first_stop
 from function.engine.types import FinishReason, RowResult, SamplingParams
+from function.weights.adapters import BASE_ADAPTER_NAME
 
 if TYPE_CHECKING:
     from function.weights.loading import LoadedModel
@@ -118,6 +119,8 @@ def run_batch(
         extra["stopping_criteria"] = StoppingCriteriaList(criteria)
     if streamer is not None:
         extra["streamer"] = streamer
+    if loaded.adapters:  # named adapters beside the base: each call says which one its rows use
+        extra["adapter_names"] = [group.adapter or BASE_ADAPTER_NAME] * (len(items) * copies)
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # bitsandbytes warns about input casts on every call
         output = loaded.model.generate(

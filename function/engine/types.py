@@ -31,6 +31,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     max_time: float | None = None
+    adapter: str | None = None  # a named LoRA adapter (ADAPTERS); None: the base model
 
     @property
     def greedy(self) -> bool:

@@ -20,7 +20,8 @@ from function.config import Settings, enforce_hub_offline
 from function.engine.types import Quantization
 from function.errors import InvalidRequestError, ModelLoadError
 from function.weights.fetcher import FetchResult
-from function.weights.resolve import ResolvedWeights, resolve_weights
+from function.weights.resolve import TOKENIZER_FILES
+from function.weights.sources import ModelSources, PathCheck, resolve_sources
 
 logger = logging.getLogger(__name__)
 enforce_hub_offline()  # before transformers (imported inside the functions below) reads it
@@ -58,6 +59,10 @@ class LoadedModel:
     load_seconds: float
     loaded_at: datetime
     fetch: FetchResult | None = None
+    adapters: tuple[str, ...] = ()  # chosen per request (ADAPTERS)
+    adapter: str | None = None  # MODEL_PATH's adapter, applied to every request
+    adapter_merged: bool = False  # ... merged into the base's weights
+    base_path: str | None = None  # the base model, when MODEL_PATH is an adapter
 
     def memory_bytes(self) -> int:
         return int(self.model.get_memory_footprint())
@@ -168,12 +173,28 @@ def _context_length(config: Any, tokenizer: Any) -> int:
     return FALLBACK_CONTEXT_LENGTH
 
 
-def load_model(model_path: str, quantization: Quantization, settings: Settings, device: str) -> LoadedModel:
-    """Resolve, then load tokenizer and model. Raises `ModelLoadError` with a client-safe reason."""
-    weights = resolve_weights(model_path, settings.model_cache_dir)
+def load_model(
+    model_path: str,
+    quantization: Quantization,
+    settings: Settings,
+    device: str,
+    *,
+    base_model_path: str | None = None,
+    adapters: dict[str, str] | None = None,
+    check_path: PathCheck | None = None,
+) -> LoadedModel:
+    """Resolve (the model, or an adapter and its base, and named adapters), then load tokenizer and
+    model. Raises `ModelLoadError` with a client-safe reason."""
+    sources = resolve_sources(
+        model_path,
+        settings.model_cache_dir,
+        base_model_path=base_model_path,
+        adapters=adapters,
+        check_path=check_path,
+    )
     started = time.perf_counter()
     try:
-        loaded = _from_pretrained(weights, quantization, settings, device)
+        loaded = _from_pretrained(sources, quantization, settings, device)
     except ModelLoadError:
         raise
     except Exception as exc:  # transformers, torch and bitsandbytes raise many types; none may escape raw
@@ -186,14 +207,14 @@ def load_model(model_path: str, quantization: Quantization, settings: Settings, 
                 field="model_path",
             ) from exc
         raise ModelLoadError(
-            "the model could not be loaded: " + safe_reason(exc, weights.local_dir), field="model_path"
+            "the model could not be loaded: " + safe_reason(exc, sources.base.local_dir), field="model_path"
         ) from exc
     load_seconds = time.perf_counter() - started
-    model, tokenizer, dtype, context_length, parameters = loaded
+    model, tokenizer, dtype, context_length, parameters, merged = loaded
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
-        name=weights.name,
+        name=sources.name,
         path=model_path,
         device=device,
         dtype=str(dtype).removeprefix("torch."),
@@ -201,22 +222,37 @@ def load_model(model_path: str, quantization: Quantization, settings: Settings, 
         parameter_count=parameters,
         context_length=context_length,
         chat_template=bool(settings.use_chat_template and getattr(tokenizer, "chat_template", None)),
-        resolve_seconds=weights.resolve_seconds,
+        resolve_seconds=sources.seconds,
         load_seconds=load_seconds,
         loaded_at=datetime.now(UTC),
-        fetch=weights.fetch,
+        fetch=sources.fetch(),
+        adapters=tuple(sources.extra),
+        adapter=sources.adapter.name if sources.adapter else None,
+        adapter_merged=merged,
+        base_path=sources.base.source if sources.adapter else None,
     )
 
 
+def _tokenizer_dir(sources: ModelSources) -> Path:
+    """An adapter that ships its own tokenizer (added tokens, a chat template) uses it; else the base's."""
+    adapter = sources.adapter
+    if adapter is not None and any((adapter.local_dir / name).is_file() for name in TOKENIZER_FILES):
+        return adapter.local_dir
+    return sources.base.local_dir
+
+
 def _from_pretrained(
-    weights: ResolvedWeights, quantization: Quantization, settings: Settings, device: str
-) -> tuple[Any, Any, Any, int, int]:
+    sources: ModelSources, quantization: Quantization, settings: Settings, device: str
+) -> tuple[Any, Any, Any, int, int, bool]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from function.weights.adapters import attach_adapters
+
+    base_dir = sources.base.local_dir
     offline: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
-    config = AutoConfig.from_pretrained(weights.local_dir, **offline)
-    tokenizer = AutoTokenizer.from_pretrained(weights.local_dir, **offline)
-    parameters = count_checkpoint_parameters(weights.local_dir)
+    config = AutoConfig.from_pretrained(base_dir, **offline)
+    tokenizer = AutoTokenizer.from_pretrained(_tokenizer_dir(sources), **offline)
+    parameters = count_checkpoint_parameters(base_dir)
     checkpoint_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     dtype = choose_dtype(device, checkpoint_dtype, parameters, settings)
     kwargs: dict[str, Any] = {**offline, "use_safetensors": True, "dtype": dtype}
@@ -227,10 +263,11 @@ def _from_pretrained(
     model: Any
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_pretrained(weights.local_dir, config=config, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, config=config, **kwargs)
     if quantization_config is None:
         model = model.to(device)
+    model, merged = attach_adapters(model, sources, quantization)
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer, dtype, _context_length(config, tokenizer), parameters
+    return model, tokenizer, dtype, _context_length(config, tokenizer), parameters, merged

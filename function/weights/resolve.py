@@ -2,7 +2,8 @@
 
 `MODEL_PATH` is a local directory or `s3://bucket/prefix`. An `s3://` prefix is fetched into
 the local cache by `function.weights.fetcher.ModelFetcher` (verified, reused while unchanged) and then
-checked like a local directory.
+checked like a local directory. A directory holds a full model (`config.json`, tokenizer,
+`*.safetensors`) or a PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Literal
 
 from function.errors import ModelLoadError
 from function.weights.fetcher import FetchResult
@@ -24,15 +26,23 @@ CONVERT_HINT = (
 )
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# Any one of these is a tokenizer transformers can load (vocab.json needs merges.txt beside it).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+ModelKind = Literal["model", "adapter"]
+
+
 @dataclass(frozen=True)
 class ResolvedWeights:
-    """A local directory holding config, tokenizer and safetensors weights."""
+    """A local directory holding a full model (config, tokenizer, safetensors) or a PEFT adapter."""
 
     local_dir: Path
     source: str
     name: str
     resolve_seconds: float
     fetch: FetchResult | None = None
+    kind: ModelKind = "model"
 
 
 def model_name_from_path(model_path: str) -> str:
@@ -48,13 +58,14 @@ def resolve_weights(model_path: str, cache_dir: Path) -> ResolvedWeights:
     started = time.perf_counter()
     if model_path.startswith("s3://"):
         fetched = fetch_model(model_path, cache_dir)
-        check_model_files(fetched.local_dir)
+        kind = check_model_files(fetched.local_dir)
         return ResolvedWeights(
             fetched.local_dir,
             model_path,
             model_name_from_path(model_path),
             time.perf_counter() - started,
             fetched,
+            kind,
         )
     if "://" in model_path:
         raise ModelLoadError(
@@ -68,20 +79,27 @@ def resolve_weights(model_path: str, cache_dir: Path) -> ResolvedWeights:
             "(model hub ids are not fetched: this service is offline)",
             field="model_path",
         )
-    check_model_files(local_dir)
+    kind = check_model_files(local_dir)
     return ResolvedWeights(
         local_dir=local_dir.resolve(),
         source=model_path,
         name=model_name_from_path(model_path),
         resolve_seconds=time.perf_counter() - started,
+        kind=kind,
     )
 
 
-def check_model_files(local_dir: Path) -> None:
-    """Require a config and safetensors weights; refuse custom code and pickle-only checkpoints."""
-    if not (local_dir / "config.json").is_file():
+def check_model_files(local_dir: Path) -> ModelKind:
+    """A full model or a PEFT adapter, with safetensors weights; custom code and pickles are refused."""
+    names = {p.name for p in local_dir.iterdir() if p.is_file()}
+    if "config.json" not in names and ADAPTER_CONFIG in names:
+        check_adapter_files(local_dir, names)
+        return "adapter"
+    if "config.json" not in names:
         raise ModelLoadError(
-            "model_path holds no config.json: not a transformers model directory", field="model_path"
+            "model_path holds no config.json (a model) and no adapter_config.json (a PEFT adapter): "
+            "not a transformers model directory",
+            field="model_path",
         )
     for name in ("config.json", "tokenizer_config.json"):
         if _asks_for_custom_code(local_dir / name):
@@ -90,16 +108,52 @@ def check_model_files(local_dir: Path) -> None:
                 "(trust_remote_code is off), so the model is refused",
                 field="model_path",
             )
-    names = [p.name for p in local_dir.iterdir() if p.is_file()]
-    if any(name.endswith(".safetensors") for name in names):
-        return
-    if any(name.endswith(PICKLE_SUFFIXES) for name in names):
+    if not any(name.endswith(".safetensors") for name in names):
+        if any(name.endswith(PICKLE_SUFFIXES) for name in names):
+            raise ModelLoadError(
+                "the model's weights are a pickle checkpoint (.bin/.pt/.pkl), which can run code when "
+                "loaded and is refused; only safetensors weights are served. " + CONVERT_HINT,
+                field="model_path",
+            )
+        raise ModelLoadError("model_path holds no *.safetensors weights", field="model_path")
+    if not has_tokenizer(names):
         raise ModelLoadError(
-            "the model's weights are a pickle checkpoint (.bin/.pt/.pkl), which can run code when loaded "
-            "and is refused; only safetensors weights are served. " + CONVERT_HINT,
+            "model_path holds no tokenizer files: expected tokenizer.json (or tokenizer.model, or "
+            "vocab.json with merges.txt) beside config.json; save them with "
+            "tokenizer.save_pretrained(MODEL_DIR)",
             field="model_path",
         )
-    raise ModelLoadError("model_path holds no *.safetensors weights", field="model_path")
+    return "model"
+
+
+def has_tokenizer(names: set[str]) -> bool:
+    if "vocab.json" in names and "merges.txt" not in names and "tokenizer.json" not in names:
+        return False
+    return any(name in names for name in TOKENIZER_FILES)
+
+
+def check_adapter_files(local_dir: Path, names: set[str]) -> None:
+    if ADAPTER_WEIGHTS in names:
+        return
+    if "adapter_model.bin" in names:
+        raise ModelLoadError(
+            "the adapter's weights are a pickle (adapter_model.bin), which can run code when loaded and is "
+            "refused; save the adapter with safe_serialization=True (adapter_model.safetensors)",
+            field="model_path",
+        )
+    raise ModelLoadError(f"the adapter directory holds no {ADAPTER_WEIGHTS}", field="model_path")
+
+
+def adapter_base(local_dir: Path) -> str | None:
+    """The base model an adapter names (`base_model_name_or_path` in adapter_config.json)."""
+    try:
+        document = json.loads((local_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            "the adapter's adapter_config.json is not valid JSON", field="model_path"
+        ) from exc
+    base = document.get("base_model_name_or_path") if isinstance(document, dict) else None
+    return base if isinstance(base, str) and base else None
 
 
 def _asks_for_custom_code(path: Path) -> bool:

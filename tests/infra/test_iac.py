@@ -65,7 +65,8 @@ def app_routes() -> set[tuple[str, str]]:
     routes = {
         (method.upper(), path) for path, operations in app.openapi()["paths"].items() for method in operations
     }
-    return routes | {("GET", "/docs"), ("GET", "/redoc"), ("GET", "/openapi.json")}
+    docs = {("GET", "/docs"), ("GET", "/docs/assets/{name}"), ("GET", "/redoc"), ("GET", "/openapi.json")}
+    return routes | docs
 
 
 def test_template_routes_match_the_apps_routes() -> None:
@@ -102,10 +103,35 @@ def test_iam_grants_only_the_model_prefix() -> None:
     for statement in grants:
         assert statement["Resource"] != "*"
     get = next(s for s in grants if s["Action"] == "s3:GetObject")
-    assert get["Resource"] == {"Fn::Sub": "arn:${AWS::Partition}:s3:::${ModelBucket}/${ModelPrefix}*"}
+    # The model's prefix, and only when set, its base's and the adapters' prefixes of the same bucket.
+    assert get["Resource"] == [
+        {"Fn::Sub": "arn:${AWS::Partition}:s3:::${ModelBucket}/${ModelPrefix}*"},
+        {
+            "Fn::If": [
+                "HasBaseModel",
+                {"Fn::Sub": "arn:${AWS::Partition}:s3:::${ModelBucket}/${BaseModelPrefix}*"},
+                {"Ref": "AWS::NoValue"},
+            ]
+        },
+        {
+            "Fn::If": [
+                "HasAdapters",
+                {"Fn::Sub": "arn:${AWS::Partition}:s3:::${ModelBucket}/${AdaptersPrefix}*"},
+                {"Ref": "AWS::NoValue"},
+            ]
+        },
+    ]
     listing = next(s for s in grants if s["Action"] == "s3:ListBucket")
     assert listing["Resource"] == {"Fn::Sub": "arn:${AWS::Partition}:s3:::${ModelBucket}"}
-    assert listing["Condition"] == {"StringLike": {"s3:prefix": {"Fn::Sub": "${ModelPrefix}*"}}}
+    assert listing["Condition"] == {
+        "StringLike": {
+            "s3:prefix": [
+                {"Fn::Sub": "${ModelPrefix}*"},
+                {"Fn::If": ["HasBaseModel", {"Fn::Sub": "${BaseModelPrefix}*"}, {"Ref": "AWS::NoValue"}]},
+                {"Fn::If": ["HasAdapters", {"Fn::Sub": "${AdaptersPrefix}*"}, {"Ref": "AWS::NoValue"}]},
+            ]
+        }
+    }
     secret = next(s for s in grants if s["Action"] == "secretsmanager:GetSecretValue")
     assert secret["Resource"] == {"Ref": "ApiKeysSecretArn"}
     # Only SAM policy documents: no managed policy templates that could be wider.
@@ -116,6 +142,21 @@ def test_model_path_is_built_from_the_same_bucket_and_prefix() -> None:
     assert FUNCTION["Environment"]["Variables"]["MODEL_PATH"] == {
         "Fn::Sub": "s3://${ModelBucket}/${ModelPrefix}"
     }
+
+
+@pytest.mark.parametrize(
+    ("value", "accepted"),
+    [
+        ("", True),
+        ("sql=s3://weights/adapters/sql/", True),
+        ("sql=s3://weights/adapters/sql/,chat-v2=s3://weights/adapters/chat/", True),
+        ("bad name=s3://weights/a/", False),
+        ("sql=/local/dir", False),
+        ("sql=s3://w/a/,", False),
+    ],
+)
+def test_adapters_parameter_pattern(value: str, accepted: bool) -> None:
+    assert bool(re.fullmatch(TEMPLATE["Parameters"]["Adapters"]["AllowedPattern"], value)) is accepted
 
 
 @pytest.mark.parametrize("prefix", ["models/final_model/", "a/b.c/", "v1/"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -73,6 +74,36 @@ def test_the_guides_python_requests_example_verbatim(cli_server: str) -> None:
     assert result.returncode == 0, result.stderr  # a KeyError on result['response'] would fail here
 
 
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs Node.js 18+ (fetch, top-level await)")
+def test_the_guides_javascript_fetch_example_verbatim(cli_server: str) -> None:
+    script = readme_block("guide-examples:javascript").replace("http://localhost:8000", cli_server)
+    # The guide's last line prints data.response; undefined would print too, so check its type.
+    script += "\nif (typeof data.response !== 'string' || !response.ok) process.exit(3);\n"
+
+    result = subprocess.run(
+        ["node", "--input-type=module", "-e", script], capture_output=True, text=True, timeout=300
+    )
+
+    assert result.returncode == 0, result.stderr
+
+
+def test_head_health_over_the_wire(cli_server: str) -> None:
+    response = requests.head(f"{cli_server}/health", timeout=30)
+
+    assert response.status_code == 200 and response.content == b""
+
+
+def test_docs_work_without_internet(cli_server: str) -> None:
+    # GIVEN the Swagger UI page of a real server
+    page = requests.get(f"{cli_server}/docs", timeout=30).text
+
+    # THEN each script and stylesheet it loads comes from that server
+    assets = re.findall(r'(?:src|href)="(/docs/assets/[^"]+)"', page)
+    assert len(assets) == 3  # stylesheet, favicon, script
+    for asset in assets:
+        assert requests.get(cli_server + asset, timeout=30).status_code == 200, asset
+
+
 def test_errors_over_the_wire_have_the_one_shape(cli_server: str) -> None:
     bad = requests.post(
         f"{cli_server}/generate", data=b"{not json", headers={"Content-Type": "application/json"}, timeout=30
@@ -113,30 +144,6 @@ def test_serve_with_reload_and_a_quantization_flag(other_model_dir: Path) -> Non
         stop(process)
 
     assert info["model_name"] == "other_model" and info["quantization"] == "8bit"
-
-
-@pytest.mark.skipif((REPO / ".env").exists(), reason="a .env in the checkout would choose the model")
-def test_make_serve_builds_and_serves_the_demo_model(tmp_path: Path) -> None:
-    port = free_port()
-    demo = tmp_path / "quickstart_demo"
-    process = start(
-        [
-            "make",
-            "--no-print-directory",
-            "serve",
-            f"PORT={port}",
-            "HOST=127.0.0.1",
-            f"DEMO_MODEL={demo}",
-            f"VENV={Path(sys.executable).parent.parent}",
-        ]
-    )
-    try:
-        health = wait_healthy(f"http://127.0.0.1:{port}", process)
-    finally:
-        stop(process)
-
-    assert health["model_name"] == "quickstart_demo"
-    assert (demo / "model.safetensors").is_file()
 
 
 def test_concurrent_requests_share_a_batch_and_get_the_answers_they_get_alone(

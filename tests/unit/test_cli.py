@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from function.__main__ import build_parser, main, settings_from_args
+from tests.support.ports import free_port
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -92,3 +94,33 @@ def test_demo_model_command_writes_a_model(tmp_path: Path) -> None:
     assert "random weights" in result.stdout
     names = {p.name for p in (tmp_path / "demo").iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
+
+
+def test_a_busy_port_stops_serve_before_the_model_loads(demo_model_dir: Path) -> None:
+    # GIVEN a port something already listens on
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", free_port()))
+        busy.listen()
+        port = busy.getsockname()[1]
+        serve = ["serve", "--model_path", str(demo_model_dir), "--host", "127.0.0.1", "--port", str(port)]
+        code = (
+            "import sys; from function.__main__ import main; status = main(sys.argv[1:]); "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules)); sys.exit(status)"
+        )
+
+        # WHEN serve is asked to use it
+        result = subprocess.run(
+            [sys.executable, "-c", code, *serve], capture_output=True, text=True, timeout=60
+        )
+
+    # THEN it exits 2 with what to do, and never imported the model's libraries
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (
+        f"error: port {port} on 127.0.0.1 is in use: pick another with --port (make serve PORT={port + 1})"
+    )
+    assert result.stdout.strip() == "[]"
+
+
+def test_a_port_out_of_range_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--model_path", "unused", "--port", "70000"]) == 2
+    assert "--port must be between 0 and 65535, not 70000" in capsys.readouterr().err

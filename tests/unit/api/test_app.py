@@ -61,6 +61,22 @@ def test_health_and_routes_when_no_model_is_loaded(tmp_path: Path) -> None:
         assert_clean_error(response.json(), missing)
 
 
+def test_head_health_answers_like_get_without_a_body(client: TestClient, tmp_path: Path) -> None:
+    # GIVEN a healthy server and one whose start-up model does not exist
+    engine = Engine(make_settings(model_path=str(tmp_path / "no-such-model")))
+    engine.load_startup_model()
+    unhealthy = TestClient(create_app(engine.settings, engine))
+
+    # WHEN a probe sends HEAD /health
+    healthy_head, unhealthy_head = client.head("/health"), unhealthy.head("/health")
+
+    # THEN it gets GET's status (and Retry-After on 503), with no body
+    assert healthy_head.status_code == client.get("/health").status_code == 200
+    assert unhealthy_head.status_code == unhealthy.get("/health").status_code == 503
+    assert unhealthy_head.headers["Retry-After"] == "5"
+    assert healthy_head.content == b"" and unhealthy_head.content == b""
+
+
 def test_a_failed_start_up_load_is_retried(tmp_path: Path, demo_model_dir: Path) -> None:
     # GIVEN a start-up model directory that appears only after the first attempt
     target = tmp_path / "late_model"

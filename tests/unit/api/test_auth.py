@@ -19,7 +19,14 @@ from function.engine.engine import Engine
 from tests.support.settings import make_settings
 
 USER, ADMIN, WRONG = "user-key-0123456789", "admin-key-9876543210", "not-a-key-000000000"
-OPEN_ROUTES = [("GET", "/health"), ("GET", "/docs"), ("GET", "/redoc"), ("GET", "/openapi.json")]
+OPEN_ROUTES = [
+    ("GET", "/health"),
+    ("HEAD", "/health"),
+    ("GET", "/docs"),
+    ("GET", "/redoc"),
+    ("GET", "/docs/assets/swagger-ui-bundle.js"),
+    ("GET", "/openapi.json"),
+]
 USER_ROUTES = [("POST", "/generate"), ("POST", "/chat"), ("GET", "/model_info")]
 
 

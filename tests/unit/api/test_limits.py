@@ -114,3 +114,19 @@ def test_openapi_states_the_servers_limits(demo_model_dir: Path, route: str) -> 
     assert schemas[model]["properties"]["max_new_tokens"]["maximum"] == 77
     if route == "/generate":
         assert schemas[model]["properties"]["num_return_sequences"]["maximum"] == 2
+
+
+def test_openapi_examples_are_lowered_to_the_servers_limits(demo_model_dir: Path) -> None:
+    # GIVEN a server whose limits are below the guide's example (max_new_tokens 256)
+    client = client_for(demo_model_dir, max_new_tokens=77)
+
+    # WHEN the docs' examples are read
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+
+    # THEN each bounded number is at most the limit, and the fields keep their order (prompt first)
+    generate = schemas["GenerateRequest"]["examples"]
+    assert [example["max_new_tokens"] for example in generate] == [77, 77]
+    assert next(iter(generate[0])) == "prompt"
+    chat_curl = {"instruction": "머신러닝을 설명하세요", "max_new_tokens": 77}
+    assert schemas["ChatRequest"]["examples"][1] == chat_curl
+    assert schemas["CompletionRequest"]["examples"][0]["max_tokens"] == 64  # under the limit: kept

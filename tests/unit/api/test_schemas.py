@@ -7,8 +7,12 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from function.api.openai_schemas import ChatCompletionRequest, CompletionRequest
+from function.api.schemas import ChatRequest, GenerateRequest
 from tests.support.cases import CASE_IDS, CASES
 from tests.support.settings import TEST_MAX_NEW_TOKENS
+
+REQUEST_MODELS = [GenerateRequest, ChatRequest, CompletionRequest, ChatCompletionRequest]
 
 
 @pytest.mark.parametrize(
@@ -80,3 +84,44 @@ def test_default_max_new_tokens_is_capped_by_the_server_limit(client: TestClient
     explicit = client.post("/generate", json={"prompt": "a", "max_new_tokens": 256})
     assert explicit.status_code == 422
     assert explicit.json()["error"]["details"][0]["limit"] == TEST_MAX_NEW_TOKENS
+
+
+def test_request_models_carry_the_guides_examples() -> None:
+    # THEN every request model has an example, and the guide's keep its numbers
+    for model in REQUEST_MODELS:
+        examples = model.model_json_schema()["examples"]
+        assert examples, model.__name__
+        for example in examples:
+            model.model_validate(example)
+    assert GenerateRequest.model_json_schema()["examples"][0] == {
+        "prompt": "Python이란 무엇인가요?",
+        "max_new_tokens": 256,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "top_k": 50,
+        "repetition_penalty": 1.1,
+        "do_sample": True,
+        "num_return_sequences": 1,
+    }
+    assert ChatRequest.model_json_schema()["examples"][0]["input"] == ""
+
+
+def test_every_published_example_is_answered(client: TestClient) -> None:
+    # GIVEN the request examples of /openapi.json ("Try it out" sends them), by route
+    schema = client.get("/openapi.json").json()
+    components = schema["components"]["schemas"]
+    sent = set()
+    for path, operations in schema["paths"].items():
+        body = operations.get("post", {}).get("requestBody", {}).get("content", {}).get("application/json")
+        if body is None:
+            continue
+        name = body["schema"]["$ref"].rsplit("/", 1)[-1]
+        for example in components[name].get("examples", []):
+            # WHEN each is posted to this server (MAX_NEW_TOKENS 24)
+            response = client.post(path, json=example)
+
+            # THEN it is answered
+            assert response.status_code == 200, (path, example, response.text)
+            sent.add(name)
+
+    assert sent == {model.__name__ for model in REQUEST_MODELS}

@@ -80,3 +80,39 @@ def test_the_cli_prints_the_model_path(
     assert main(["publish-model", str(demo_model_dir), "s3://weights/cli/final_model/", "--no-progress"]) == 0
     assert "MODEL_PATH=s3://weights/cli/final_model/" in capsys.readouterr().out
     assert main(["publish-model", str(demo_model_dir), "s3://Bad_Bucket/x/"]) == 1
+
+
+def test_an_adapter_directory_publishes_and_serves_from_s3(
+    s3: Any, adapter_dir: Path, demo_model_dir: Path, tmp_path: Path
+) -> None:
+    from function.engine.engine import Engine
+    from function.engine.types import SamplingParams
+    from tests.support.settings import make_settings
+
+    # GIVEN an adapter and its base, both published
+    base = publish_model(demo_model_dir, "s3://weights/base/", client=s3, progress=False)
+    adapter = publish_model(adapter_dir, "s3://weights/adapters/sql/", client=s3, progress=False)
+    assert set(files_of(adapter_dir)) <= {
+        k["Key"].removeprefix("adapters/sql/") for k in s3.list_objects_v2(Bucket="weights")["Contents"]
+    }
+
+    # WHEN the engine loads the adapter from S3 over the base from S3, and the local copies directly
+    settings = make_settings(model_cache_dir=tmp_path / "cache")
+    engine = Engine(settings)
+    loaded, _ = engine.load(adapter.model_path, base_model_path=base.model_path)
+    local = Engine(make_settings())
+    local.load(str(adapter_dir))
+    greedy = SamplingParams(max_new_tokens=8, temperature=0)
+
+    # THEN both are merged the same way and answer alike
+    assert loaded.adapter_merged and loaded.base_path == base.model_path
+    assert engine.generate("Python", greedy).continuations == local.generate("Python", greedy).continuations
+
+
+def test_a_pickled_adapter_is_refused(s3: Any, adapter_dir: Path, tmp_path: Path) -> None:
+    pickled = tmp_path / "pickled"
+    shutil.copytree(adapter_dir, pickled)
+    (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
+
+    with pytest.raises(ModelLoadError, match="pickle"):
+        publish_model(pickled, "s3://weights/adapters/pickled/", client=s3, progress=False)
