@@ -138,6 +138,35 @@ class Settings(BaseSettings):
     max_prompt_tokens: int | None = Field(
         default=None, ge=1, description="Prompt token cap; default: context."
     )
+    max_stop_string_chars: int = Field(
+        default=200, ge=1, description="Longest stop string, in characters (each is also capped in tokens)."
+    )
+    max_stop_total_chars: int = Field(
+        default=400, ge=1, description="All of a request's stop strings together, in characters."
+    )
+    max_stop_string_tokens: int = Field(
+        default=32, ge=1, description="Longest stop string, in tokens of the served model's tokenizer."
+    )
+    max_messages: int = Field(default=256, ge=1, description="Messages in one /v1/chat/completions request.")
+    max_header_bytes: int = Field(
+        default=16_384, ge=1024, description="Request header block cap, in bytes (431 above it)."
+    )
+    max_queued_requests: int | None = Field(
+        default=None,
+        ge=1,
+        description="Server mode: generation requests admitted at once (running or waiting); past it, 503 "
+        "with Retry-After at once. Default: 4 × BATCH_MAX_SIZE.",
+    )
+    max_model_parameters: int = Field(
+        default=100_000_000_000,
+        ge=1,
+        description="A model whose checkpoint holds more parameters is refused before anything is allocated.",
+    )
+    max_context_length: int = Field(
+        default=1_048_576,
+        ge=1,
+        description="A model config claiming a longer context is refused (it would switch the context check off).",
+    )
     rate_limit: str | None = Field(
         default="120/minute",
         description="Per key (or client address when open), server mode only; empty disables.",
@@ -185,6 +214,11 @@ class Settings(BaseSettings):
     @property
     def on_lambda(self) -> bool:
         return bool(self.aws_lambda_function_name)
+
+    @property
+    def queue_limit(self) -> int:
+        """MAX_QUEUED_REQUESTS, or four batches' worth of requests."""
+        return self.max_queued_requests or 4 * self.batch_max_size
 
     @property
     def auth_enabled(self) -> bool:
