@@ -165,7 +165,7 @@ class Settings(BaseSettings):
     max_context_length: int = Field(
         default=1_048_576,
         ge=1,
-        description="A model config claiming a longer context is refused (it would switch the context check off).",
+        description="A config claiming a longer context is refused (it would turn the context check off).",
     )
     rate_limit: str | None = Field(
         default="120/minute",
