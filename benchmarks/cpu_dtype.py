@@ -62,7 +62,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         for label, shape in SHAPES.items():
             model_dir = build_demo_model(Path(root) / label.split()[0], size=shape)
-            from function.weights.loading import count_checkpoint_parameters
+            from function.weights.checkpoint import count_checkpoint_parameters
 
             params = count_checkpoint_parameters(model_dir)
             fp32 = decode_tokens_per_second(model_dir, torch.float32, args.new_tokens, args.repeats)

@@ -7,6 +7,7 @@ Argument parsing imports nothing heavy; torch and transformers load only in the 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import errno
 import logging
 import socket
@@ -200,6 +201,56 @@ def unbindable(host: str, port: int) -> str | None:
     return None
 
 
+# uvicorn's limit on an unfinished request head: MAX_HEADER_BYTES of header names and values, plus room
+# for the request line and the ": " and CRLF around each header.
+HEAD_ALLOWANCE = 8192
+
+
+def head_limit(settings: Settings) -> int:
+    return settings.max_header_bytes + HEAD_ALLOWANCE
+
+
+def header_limited_protocol(max_header_bytes: int) -> type[asyncio.Protocol]:
+    """uvicorn's h11 protocol, answering a request head that outgrows `h11_max_incomplete_event_size`
+    (httptools, uvicorn's default, has no such limit) with the app's 431 instead of a plain-text 400.
+
+    The head is refused while it is still arriving, so a huge or never-finished header block holds no
+    more than the limit; a complete head under it reaches the app, whose middleware counts exactly."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    from function.api.middleware import headers_too_large
+
+    class HeaderLimitedH11(H11Protocol):
+        def send_400_response(self, msg: str) -> None:
+            limit = self.config.h11_max_incomplete_event_size
+            pending, _ = self.conn.trailing_data
+            if limit is None or len(pending) <= limit:  # another malformed request: uvicorn's own 400
+                super().send_400_response(msg)
+                return
+            response = headers_too_large(max_header_bytes, request_path(pending))
+            events = (
+                h11.Response(
+                    status_code=431,
+                    headers=[*response.raw_headers, (b"connection", b"close")],
+                    reason=b"Request Header Fields Too Large",
+                ),
+                h11.Data(data=bytes(response.body)),
+                h11.EndOfMessage(),
+            )
+            for event in events:
+                self.transport.write(self.conn.send(event) or b"")
+            self.transport.close()
+
+    return HeaderLimitedH11
+
+
+def request_path(head: bytes) -> str:
+    """The path of a raw request head's request line (so a /v1 client gets OpenAI's error shape)."""
+    parts = head.split(b"\r\n", 1)[0].split(b" ")
+    return parts[1].split(b"?", 1)[0].decode("latin-1") if len(parts) > 1 else ""
+
+
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -224,13 +275,22 @@ def run_serve(args: argparse.Namespace) -> int:
             port=args.port,
             reload=True,
             log_level=settings.log_level.lower(),
+            http="h11",  # the reloader's child cannot import a local class: uvicorn's plain 400 there
+            h11_max_incomplete_event_size=head_limit(settings),
         )
         return 0
     from function.api.factory import create_app
     from function.engine.engine import get_engine
 
     app = create_app(settings, get_engine(settings))
-    uvicorn.run(app, host=args.host, port=args.port, log_level=settings.log_level.lower())
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=settings.log_level.lower(),
+        http=header_limited_protocol(settings.max_header_bytes),
+        h11_max_incomplete_event_size=head_limit(settings),
+    )
     return 0
 
 

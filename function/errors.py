@@ -127,3 +127,31 @@ class RateLimitedError(LLMFunctionError):
 
     def headers(self) -> dict[str, str] | None:
         return {"Retry-After": str(self.retry_after)}
+
+
+class MalformedEventError(InvalidRequestError):
+    """An HTTP event (API Gateway, Function URL, ALB) whose fields are not the shape AWS sends:
+    it never reaches the app; the error names the field."""
+
+    code = "malformed_event"
+    status = 400
+
+
+class OverloadedError(LLMFunctionError):
+    """Server mode: as many generation requests as MAX_QUEUED_REQUESTS are running or waiting; this one is
+    refused at once, before it costs anything, rather than queued without bound."""
+
+    code = "overloaded"
+    status = 503
+
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": "1"}
+
+
+class ClientClosedRequestError(LLMFunctionError):
+    """The client hung up before its answer was ready: the generation stopped at its next token and the
+    request gave up its place. Nobody reads the answer; its log line and metrics show status 499 (nginx's
+    "client closed request")."""
+
+    code = "client_closed_request"
+    status = 499

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
@@ -53,3 +53,27 @@ def user_access(request: Request, x_api_key: ApiKeyHeader = None, _bearer: Beare
 def admin_access(request: Request, x_api_key: ApiKeyHeader = None, _bearer: BearerToken = None) -> None:
     """/load_model: an admin key (when keys are configured), then the rate limit."""
     _admit(request, x_api_key, admin=True)
+
+
+def route_access(route: object) -> Literal["user", "admin"] | None:
+    """The key a route requires, read from its dependencies (its router's included): None when open."""
+    pending = [getattr(route, "dependant", None)]
+    found: Literal["user", "admin"] | None = None
+    while pending:
+        dependant = pending.pop()
+        if dependant is None:
+            continue
+        if dependant.call is admin_access:
+            return "admin"
+        if dependant.call is user_access:
+            found = "user"
+        pending.extend(dependant.dependencies)
+    return found
+
+
+def admit_for_route(request: Request) -> None:
+    """The matched route's key check and rate limit, for errors FastAPI raises before the route's
+    dependencies run (it parses the body first): a wrong key is a 401 whatever the body."""
+    access = route_access(request.scope.get("route"))
+    if access is not None:
+        _admit(request, request.headers.get(api_key_scheme.model.name), admin=access == "admin")

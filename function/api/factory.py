@@ -9,8 +9,9 @@ from fastapi import FastAPI
 from function import __version__
 from function.api import docs, openai_routes, routes
 from function.api.auth import warn_if_open
+from function.api.dependencies import admit_for_route
 from function.api.errors import ERROR_RESPONSES, install_error_handlers
-from function.api.middleware import BodySizeLimit, mark_cold_response
+from function.api.middleware import BodySizeLimit, HeaderSizeLimit, mark_cold_response
 from function.api.observability import RequestSink, install_observability
 from function.api.ratelimit import RateLimiter
 from function.config import Settings, get_settings
@@ -39,20 +40,22 @@ def create_app(
         RateLimiter(settings.rate_limit) if settings.rate_limit and not settings.on_lambda else None
     )
     warn_if_open(settings)
-    install_error_handlers(app)
+    install_error_handlers(app, admit=admit_for_route)
     publish_server_limits(app, settings)
     app.include_router(openai_routes.router)
     mark_cold_response(app)
     install_observability(app, sink=request_sink)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(HeaderSizeLimit, max_bytes=settings.max_header_bytes)  # the outermost: added last
     app.include_router(routes.router)
     app.include_router(docs.router)
     return app
 
 
 def publish_server_limits(app: FastAPI, settings: Settings) -> None:
-    """Put the settings' bounds and adapter names into /openapi.json, so the docs state what requests
-    meet, and lower the request examples to the bounds, so "Try it out" sends what this server accepts."""
+    """Put the settings' bounds (MAX_NEW_TOKENS, MAX_MESSAGES, …) and adapter names into /openapi.json, so
+    the docs state what requests meet, and lower the request examples to the bounds, so "Try it out" sends
+    what this server accepts."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -74,6 +77,19 @@ def publish_server_limits(app: FastAPI, settings: Settings) -> None:
                     for branch in field.get("anyOf", [field]):  # optional fields: bound the integer branch
                         if branch.get("type") == "integer":
                             branch["maximum"] = bounds[name]
+            messages = component.get("properties", {}).get("messages")
+            if messages is not None:  # MAX_MESSAGES, under the schema's static ceiling
+                messages["maxItems"] = min(
+                    messages.get("maxItems", settings.max_messages), settings.max_messages
+                )
+            stop = component.get("properties", {}).get("stop")
+            if (
+                stop is not None
+            ):  # each stop string's character cap (the token and total caps can't be stated)
+                for branch in stop.get("anyOf", [stop]):
+                    items = branch.get("items") if branch.get("type") == "array" else branch
+                    if isinstance(items, dict) and items.get("type") == "string":
+                        items["maxLength"] = settings.max_stop_string_chars
             if "adapter" in component.get("properties", {}):  # the adapters this server loads, by name
                 named = [{"type": "string", "enum": list(settings.adapters)}] if settings.adapters else []
                 component["properties"]["adapter"]["anyOf"] = [*named, {"type": "null"}]

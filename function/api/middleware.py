@@ -1,4 +1,4 @@
-"""ASGI middleware: the request body cap, and the cold-start mark on the first response."""
+"""ASGI middleware: the request header and body caps, and the cold-start mark on the first response."""
 
 from __future__ import annotations
 
@@ -6,10 +6,40 @@ import itertools
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from function.api.errors import error_response, route_path
 from function.api.schemas import ErrorDetail
+
+
+class HeaderSizeLimit:
+    """431 when the request's header names and values total more than `max_bytes`.
+
+    `python -m function serve` also has uvicorn refuse a header block that grows past the cap before it
+    is complete (nothing reaches the app then); this check covers every other way in: `uvicorn
+    function.app:app`, a head that arrived whole, and Lambda events.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            total = sum(len(name) + len(value) for name, value in scope.get("headers") or [])
+            if total > self.max_bytes:
+                await headers_too_large(self.max_bytes, route_path(scope), total)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def headers_too_large(max_bytes: int, path: str, total: int | None = None) -> JSONResponse:
+    """The 431 of both header checks (this middleware's and the server's, see `function.__main__`)."""
+    size = f" ({total} bytes)" if total is not None else ""
+    detail = ErrorDetail(field="headers", message="request headers too large", limit=max_bytes)
+    message = f"the request headers{size} are over the limit of {max_bytes} bytes"
+    return error_response(431, "headers_too_large", message, [detail], path=path)
 
 
 class BodySizeLimit:

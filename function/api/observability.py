@@ -1,6 +1,7 @@
 """What the service tells its operators: a JSON log line per request, and metrics.
 
-Every request is logged once as JSON with its request id, route, status, request seconds
+Every request is logged once as JSON, once its response is sent (a stream's last chunk included), with
+its request id, route (the matched route's template; `unmatched` for 404s), path, status, request seconds
 (요청 시간), generation seconds (생성 시간), tokens in and out, GPU memory (GPU 메모리 사용량)
 and whether it was the environment's first (cold) response. On Lambda the line goes through
 Powertools' Logger (which adds the invocation's context) and metrics are written in the
@@ -19,6 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from function.api.errors import route_path
 
 if TYPE_CHECKING:
     from function.engine.types import Completion
@@ -108,49 +113,97 @@ class PrometheusMetrics:
 
 
 RequestSink = Callable[[dict[str, Any]], None]
+UNMATCHED = "unmatched"  # the route label of every request no route matched (404s): a bounded label set
+MAX_LOGGED_PATH = 512
+
+
+def route_label(scope: Scope) -> str:
+    """The matched route's template ("/generate", "/docs/assets/{name}"), or `UNMATCHED`: never the
+    request's own path, so clients cannot mint metric series."""
+    path = getattr(scope.get("route"), "path", None)
+    return path if isinstance(path, str) else UNMATCHED
+
+
+class RequestObservability:
+    """One log line and one metrics observation per request, once its response has been sent in full.
+
+    Pure ASGI, so a streamed response (server-sent events) is observed after its last chunk, with the
+    figures its route recorded at the stream's end (`record_generation`). Also sets `X-Request-ID`.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        sink: RequestSink | None,
+        logger: logging.Logger | None,
+        metrics: PrometheusMetrics | None,
+    ) -> None:
+        self.app = app
+        self.sink = sink
+        self.logger = logger
+        self.metrics = metrics
+        self.responses = itertools.count()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        state = scope.setdefault("state", {})  # request.state, shared with the route that records figures
+        context = scope.get("aws.context")
+        request_id = (
+            getattr(context, "aws_request_id", None)
+            or Headers(scope=scope).get("x-request-id")
+            or str(uuid.uuid4())
+        )
+        status = 500  # unless a response starts: an exception escaped the app
+
+        async def send_observed(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message)["X-Request-ID"] = request_id
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_observed)
+        finally:
+            self.observe(scope, state, request_id, status, time.perf_counter() - started)
+
+    def observe(
+        self, scope: Scope, state: dict[str, Any], request_id: str, status: int, seconds: float
+    ) -> None:
+        route = route_label(scope)
+        entry: dict[str, Any] = {
+            "message": "request",
+            "request_id": request_id,
+            "method": scope.get("method"),
+            "route": route,
+            "path": route_path(scope)[:MAX_LOGGED_PATH],
+            "status": status,
+            "request_s": round(seconds, 4),
+            "cold_start": next(self.responses) == 0,
+            "gpu_memory_mb": gpu_memory_mb(),
+            **(state.get("generation") or {}),
+        }
+        event = scope.get("aws.event") or {}
+        if event:
+            entry["api_request_id"] = (event.get("requestContext") or {}).get("requestId")
+        if self.sink is not None:
+            self.sink(entry)
+        elif self.logger is not None:
+            self.logger.info("request", extra={"fields": entry})
+        if self.metrics is not None and route != "/metrics":
+            self.metrics.observe(entry)
 
 
 def install_observability(app: FastAPI, *, sink: RequestSink | None = None) -> None:
     """The per-request log line for every route. Server mode (no sink): a JSON log line and a
     Prometheus `/metrics`. Lambda: the handler's sink (Powertools Logger and EMF metrics)."""
-    logger = request_logger() if sink is None else None
-    responses = itertools.count()
+    logger = request_logger() if sink is None else None  # now, not at the first request
     metrics = PrometheusMetrics() if sink is None else None
     app.state.metrics = metrics
-
-    @app.middleware("http")
-    async def log_request(request: Request, call_next: Any) -> Any:
-        started = time.perf_counter()
-        event = request.scope.get("aws.event") or {}
-        context = request.scope.get("aws.context")
-        request_id = (
-            getattr(context, "aws_request_id", None)
-            or request.headers.get("x-request-id")
-            or str(uuid.uuid4())
-        )
-        response = await call_next(request)
-        route = getattr(request.scope.get("route"), "path", request.url.path)
-        entry: dict[str, Any] = {
-            "message": "request",
-            "request_id": request_id,
-            "method": request.method,
-            "route": route,
-            "status": response.status_code,
-            "request_s": round(time.perf_counter() - started, 4),
-            "cold_start": next(responses) == 0,
-            "gpu_memory_mb": gpu_memory_mb(),
-            **getattr(request.state, "generation", {}),
-        }
-        if event:
-            entry["api_request_id"] = (event.get("requestContext") or {}).get("requestId")
-        if sink is not None:
-            sink(entry)
-        elif logger is not None:
-            logger.info("request", extra={"fields": entry})
-        if metrics is not None and route != "/metrics":
-            metrics.observe(entry)
-        response.headers["X-Request-ID"] = request_id
-        return response
+    app.add_middleware(RequestObservability, sink=sink, logger=logger, metrics=metrics)
 
     if metrics is not None:
 

@@ -4,13 +4,28 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from function.api.schemas import Bool, Float, Int, PositiveInt, Seed, StopStrings
+from function.api.schemas import (
+    Bool,
+    Float,
+    Int,
+    PositiveInt,
+    Seed,
+    StopString,
+    StopStrings,
+    Text,
+    valid_unicode,
+)
 from function.engine.types import GREEDY_TEMPERATURE, SamplingParams
 from function.errors import InvalidRequestError
 
 OpenAIFinish = Literal["stop", "length"]
+MAX_MODEL_NAME_CHARS = 256
+# A static ceiling on a body's messages (MAX_MESSAGES, checked by the engine, is the configured one):
+# a 1 MiB body could otherwise carry a hundred thousand tiny messages into validation.
+MAX_MESSAGES_HARD_CAP = 4096
+ModelName = Annotated[str, Field(max_length=MAX_MODEL_NAME_CHARS), BeforeValidator(valid_unicode)]
 
 
 def _stops(value: str | list[str] | None) -> tuple[str, ...]:
@@ -19,12 +34,20 @@ def _stops(value: str | list[str] | None) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
 
 
+class StreamOptions(BaseModel):
+    """OpenAI's `stream_options`: with `include_usage`, a last chunk carries the request's usage."""
+
+    include_usage: Bool = Field(
+        default=False, description="Send a final chunk with `usage` (and empty `choices`) before [DONE]."
+    )
+
+
 class _Sampling(BaseModel):
     """Fields both endpoints share; unknown OpenAI fields (logprobs, user, …) are accepted and ignored."""
 
     model_config = ConfigDict(extra="allow")
 
-    model: str | None = Field(
+    model: ModelName | None = Field(
         default=None,
         description="A LoRA adapter's name (see /v1/models) selects it; the base model's name, or any "
         "other, selects the base.",
@@ -34,9 +57,10 @@ class _Sampling(BaseModel):
     temperature: Float = Field(default=1.0, ge=0, le=2)
     top_p: Float = Field(default=1.0, gt=0, le=1)
     n: Int = Field(default=1, ge=1)
-    stop: Annotated[str, Field(min_length=1)] | StopStrings | None = None
+    stop: StopString | StopStrings | None = None
     seed: Seed | None = None
     stream: Bool = False
+    stream_options: StreamOptions | None = Field(default=None, description="With stream: true.")
 
     def sampling_params(self, max_new_tokens_limit: int) -> SamplingParams:
         for name in ("max_tokens", "max_completion_tokens"):
@@ -73,12 +97,12 @@ class CompletionRequest(_Sampling):
         }
     )
 
-    prompt: str = Field(min_length=1)
+    prompt: Text = Field(min_length=1)
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class ChatCompletionRequest(_Sampling):
@@ -98,7 +122,7 @@ class ChatCompletionRequest(_Sampling):
         }
     )
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES_HARD_CAP)
 
 
 class OpenAIErrorInfo(BaseModel):
@@ -115,7 +139,7 @@ class OpenAIErrorResponse(BaseModel):
 
 
 OPENAI_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": OpenAIErrorResponse} for code in (400, 401, 403, 409, 413, 422, 429, 500, 503)
+    code: {"model": OpenAIErrorResponse} for code in (400, 401, 403, 409, 413, 415, 422, 429, 431, 500, 503)
 }
 
 

@@ -1,16 +1,24 @@
 """The original server guide's routes: /health, /generate, /chat, /model_info, /load_model.
 
 Thin: each turns its request into engine calls and the engine's results into its response.
+
+Generation routes are `async`: the engine call runs in a worker thread of their own pool
+(`generation_threads`), admitted first (`Engine.admit`: 503 past the limit), while the route waits
+on the request's receive channel for the client to hang up and then cancels the generation (it
+stops at its next token). /health answers on the event loop from the engine's status: it never waits
+for a thread or a lock.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, Generic, TypeVar
 
+import anyio
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from function.api.dependencies import EngineDep, admin_access, user_access
+from function.api.dependencies import EngineDep, admin_access, current_engine, user_access
 from function.api.observability import record_generation
 from function.api.schemas import (
     AdapterInfo,
@@ -26,10 +34,72 @@ from function.api.schemas import (
     Usage,
 )
 from function.engine.engine import Engine
+from function.engine.types import Cancellation
 from function.weights.loading import quantization_from_flags
 
 router = APIRouter()
 UNHEALTHY_HEADERS = {"Retry-After": "5"}  # /health's 503: a load may be under way
+DISCONNECT_POLL_S = 0.05  # the receive channel should only ever say "disconnect" here; never spin on it
+T = TypeVar("T")
+
+
+def generation_threads(request: Request, engine: Engine) -> anyio.CapacityLimiter:
+    """The worker threads engine calls run in, apart from the pool of sync dependencies and routes: an
+    admitted request never waits for a thread, and generation never holds one a key check or /metrics
+    needs. Twice the admission limit: a cancelled stream's thread may still be finishing its token."""
+    state = request.app.state
+    limiter: anyio.CapacityLimiter | None = getattr(state, "generation_threads", None)
+    if limiter is None:
+        limiter = state.generation_threads = anyio.CapacityLimiter(2 * engine.settings.queue_limit)
+    return limiter
+
+
+async def watch_disconnect(request: Request, cancel: Cancellation) -> None:
+    """Cancel when the client hangs up. The body is read by now, so the receive channel's next message is
+    the server's `http.disconnect`, delivered the moment the socket closes. (Polling Starlette's
+    `request.is_disconnected()` instead never saw it through this app's middleware stack.)"""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            cancel.cancel()
+            return
+        await anyio.sleep(DISCONNECT_POLL_S)
+
+
+class _Outcome(Generic[T]):
+    """A worker thread's result or exception, carried out of the task group unwrapped."""
+
+    def __init__(self, call: Callable[[Cancellation], T], cancel: Cancellation) -> None:
+        self.value: T | None = None
+        self.error: Exception | None = None
+        try:
+            self.value = call(cancel)
+        except Exception as exc:
+            self.error = exc
+
+    def unwrap(self) -> T:
+        if self.error is not None:
+            raise self.error
+        return self.value  # type: ignore[return-value]  # set whenever error is None
+
+
+async def run_cancellable(
+    request: Request, call: Callable[[Cancellation], T], cancel: Cancellation, threads: anyio.CapacityLimiter
+) -> T:
+    """`call(cancel)` in a worker thread; `cancel` is set if the client hangs up meanwhile."""
+    async with anyio.create_task_group() as group:
+        group.start_soon(watch_disconnect, request, cancel)
+        outcome = await anyio.to_thread.run_sync(_Outcome, call, cancel, limiter=threads)
+        group.cancel_scope.cancel()
+    return outcome.unwrap()
+
+
+async def run_admitted(request: Request, engine: Engine, call: Callable[[Cancellation], T]) -> T:
+    """A generation request's engine call: admitted (OverloadedError past the limit), run in a worker
+    thread, cancelled when the client hangs up (the engine then raises ClientClosedRequestError, which
+    leaves as a 499 that only the log line and metrics see). Its place is given back when it ends."""
+    with engine.admit():
+        return await run_cancellable(request, call, Cancellation(), generation_threads(request, engine))
 
 
 def gigabytes(num_bytes: float) -> str:
@@ -42,23 +112,31 @@ def human_size(num_bytes: float) -> str:
 
 
 @router.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
-def health(engine: EngineDep) -> Any:
-    status_code, body = health_report(engine)
+async def health(request: Request) -> Any:
+    status_code, body = await health_report(current_engine(request))
     if status_code == 200:
         return body
     return JSONResponse(status_code=status_code, content=body.model_dump(), headers=UNHEALTHY_HEADERS)
 
 
 @router.head("/health", include_in_schema=False)
-def health_head(engine: EngineDep) -> Response:
+async def health_head(request: Request) -> Response:
     """GET's status without the body, for probes that send HEAD (load balancers, uptime checks)."""
-    status_code, _ = health_report(engine)
+    status_code, _ = await health_report(current_engine(request))
     return Response(status_code=status_code, headers=UNHEALTHY_HEADERS if status_code != 200 else None)
 
 
-def health_report(engine: Engine) -> tuple[int, HealthResponse]:
-    """/health's status code and body: 200 when the model is loaded, 503 with the reason otherwise."""
-    engine.ensure_loaded()
+async def health_report(engine: Engine) -> tuple[int, HealthResponse]:
+    """/health's status code and body: 200 when the model is loaded, 503 with the reason otherwise.
+
+    On the event loop, without a thread or a lock: it answers at once however busy the engine is. In
+    server mode a due retry of a failed start-up load starts in the background ("loading" until it is
+    done); on Lambda, where one request runs per environment and a background thread would be frozen
+    between invocations, the retry runs before the answer, in a worker thread."""
+    if engine.settings.on_lambda:
+        await anyio.to_thread.run_sync(engine.ensure_loaded)
+    else:
+        engine.ensure_loaded_in_background()
     status = engine.status()
     body = HealthResponse(
         status=status.state,
@@ -71,9 +149,9 @@ def health_report(engine: Engine) -> tuple[int, HealthResponse]:
 
 
 @router.post("/generate", response_model=GenerateResponse, dependencies=[Depends(user_access)])
-def generate(body: GenerateRequest, request: Request, engine: EngineDep) -> GenerateResponse:
+async def generate(body: GenerateRequest, request: Request, engine: EngineDep) -> GenerateResponse:
     params = body.sampling_params(engine.settings.max_new_tokens)
-    result = engine.generate(body.prompt, params)
+    result = await run_admitted(request, engine, lambda cancel: engine.generate(body.prompt, params, cancel))
     record_generation(request, result)
     return GenerateResponse(
         generated_text=[body.prompt + text for text in result.continuations],
@@ -86,9 +164,11 @@ def generate(body: GenerateRequest, request: Request, engine: EngineDep) -> Gene
 
 
 @router.post("/chat", response_model=ChatResponse, dependencies=[Depends(user_access)])
-def chat(body: ChatRequest, request: Request, engine: EngineDep) -> ChatResponse:
+async def chat(body: ChatRequest, request: Request, engine: EngineDep) -> ChatResponse:
     params = body.sampling_params(engine.settings.max_new_tokens)
-    result = engine.chat(body.instruction, body.input, params)
+    result = await run_admitted(
+        request, engine, lambda cancel: engine.chat(body.instruction, body.input, params, cancel)
+    )
     record_generation(request, result)
     return ChatResponse(
         response=result.continuations[0].strip(),

@@ -21,6 +21,21 @@ def _not_blank(value: str) -> str:
     return value
 
 
+# Code points U+D800..U+DFFF: half of a UTF-16 pair. A JSON "\ud800" escape without its other half
+# decodes to one; no tokenizer (and no UTF-8 encoder) accepts it.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def valid_unicode(value: object) -> object:
+    """Before pydantic's own str check, which would refuse it as "unable to parse raw data" (or, without
+    a length bound, let it through to the tokenizer: a 500)."""
+    if isinstance(value, str) and _LONE_SURROGATE.search(value):
+        raise ValueError(
+            "must be valid Unicode: it contains a lone surrogate (a \\ud800-\\udfff escape without its pair)"
+        )
+    return value
+
+
 def _json_number(value: object) -> object:
     """JSON numbers only: no booleans and no numeric strings (pydantic's lax mode would coerce them)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -36,11 +51,19 @@ PositiveInt = Annotated[Annotated[int, Field(ge=1)], BeforeValidator(_json_numbe
 Seed = Annotated[Annotated[int, Field(ge=0, le=2**32 - 1)], BeforeValidator(_json_number)]
 # The schema says "at least one non-whitespace character"; the check uses the same (Python re) semantics.
 _NOT_SPACE = re.compile(r"\S")
+# Every text field refuses lone surrogates. Texts are bounded by MAX_REQUEST_BYTES (and prompts by the
+# token caps); names and lists have static caps here.
+Text = Annotated[str, BeforeValidator(valid_unicode)]
 NonEmptyText = Annotated[
-    str, Field(min_length=1, json_schema_extra={"pattern": r"\S"}), AfterValidator(_not_blank)
+    str,
+    Field(min_length=1, json_schema_extra={"pattern": r"\S"}),
+    AfterValidator(_not_blank),
+    BeforeValidator(valid_unicode),
 ]
-AdapterName = Annotated[str, Field(min_length=1, max_length=64)]
-StopStrings = Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)]
+AdapterName = Annotated[str, Field(min_length=1, max_length=64), BeforeValidator(valid_unicode)]
+MAX_STOP_STRINGS = 4
+StopString = Annotated[str, Field(min_length=1), BeforeValidator(valid_unicode)]
+StopStrings = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
 
 
 class GenerateRequest(BaseModel):
@@ -114,7 +137,7 @@ class ChatRequest(BaseModel):
     )
 
     instruction: NonEmptyText
-    input: str = ""
+    input: Text = ""
     max_new_tokens: Int = Field(default=256, ge=1)
     temperature: Float = Field(default=0.7, ge=0, description="0 means greedy decoding.")
     top_p: Float = Field(default=0.9, gt=0, le=1)

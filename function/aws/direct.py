@@ -48,7 +48,8 @@ class DirectPayload:
         body = event.get("body")
         if body is not None and not isinstance(body, str):
             body = json.dumps(body)
-            self.headers.setdefault("content-type", "application/json")
+        if body is not None:
+            self.headers.setdefault("content-type", "application/json")  # the payload's body is JSON
         self._body = body
 
     @property

@@ -3,7 +3,11 @@
 - API Gateway REST (v1), HTTP API (v2), Function URL and ALB events: through Mangum.
 - Direct invocations: Mangum too, through the `DirectPayload` custom handler.
 - Warm-up pings (`{"warmup": true}` or an EventBridge scheduled event): answered at once.
-- Anything else: a 400 in the one error shape, never an exception.
+- Anything else: a 400 in the one error shape, never an exception. An HTTP event whose fields are
+  not what AWS sends (no `httpMethod`, invalid base64, a list of headers…) is checked before Mangum
+  sees it (`function.aws.events`), and what Mangum still cannot translate is caught around its
+  translation only: a 400 `malformed_event` either way. The app's own errors (a bug is a 500) are
+  answered by the app.
 
 Generation gets a deadline before the invocation's remaining time, and before API Gateway's
 29 s integration timeout, so it ends with `finish_reason: "time"` instead of a 502/504.
@@ -11,6 +15,8 @@ Generation gets a deadline before the invocation's remaining time, and before AP
 
 from __future__ import annotations
 
+import json
+import logging
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -18,17 +24,22 @@ from typing import Any
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from mangum import Mangum
+from mangum.types import LambdaConfig, LambdaContext, LambdaEvent, Response
+from mangum.types import LambdaHandler as MangumHandler
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from function.api.errors import domain_error_content
 from function.api.factory import create_app
 from function.api.observability import NAMESPACE
 from function.aws.direct import DirectPayload, check_direct_payload, is_direct_payload
+from function.aws.events import UNKNOWN_EVENT, check_http_event
 from function.aws.limits import generation_budget, within_payload_limit
 from function.config import Settings
 from function.engine.deadline import deadline_in
 from function.engine.engine import Engine
-from function.errors import LLMFunctionError, UnsupportedEventError
+from function.errors import LLMFunctionError, MalformedEventError, UnsupportedEventError
+
+logger = logging.getLogger(__name__)
 
 LambdaHandler = Callable[[dict[str, Any], Any], dict[str, Any]]
 SERVICE = "llm-function"
@@ -45,11 +56,74 @@ class StageRootPath:
         self.app = asgi_app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request_context = (scope.get("aws.event") or {}).get("requestContext") or {}
-        stage = request_context.get("stage")
-        if stage and stage != "$default" and str(request_context.get("path", "")).startswith(f"/{stage}/"):
-            scope = {**scope, "root_path": f"/{stage}"}
+        event = scope.get("aws.event")
+        request_context = event.get("requestContext") if isinstance(event, dict) else None
+        if isinstance(request_context, dict):
+            stage, path = request_context.get("stage"), request_context.get("path")
+            if (
+                isinstance(stage, str)
+                and stage not in ("", "$default")
+                and str(path).startswith(f"/{stage}/")
+            ):
+                scope = {**scope, "root_path": f"/{stage}"}
         await self.app(scope, receive, send)
+
+
+# What Mangum raises on an event it cannot translate (binascii.Error and UnicodeError are ValueErrors;
+# RuntimeError is "unable to infer a handler").
+TRANSLATION_ERRORS = (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError)
+
+
+def malformed_event(exc: Exception) -> MalformedEventError:
+    """What Mangum's translation raised, as the caller's mistake: the missing key where it says one."""
+    if isinstance(exc, KeyError) and exc.args and isinstance(exc.args[0], str):
+        field = exc.args[0]
+        return MalformedEventError(
+            f"the event has no {field!r}, which its kind of HTTP event needs", field=field
+        )
+    if isinstance(exc, RuntimeError):
+        return MalformedEventError(UNKNOWN_EVENT, field="requestContext")
+    message = (
+        "the event cannot be read as an HTTP request: a field has the wrong JSON type or an invalid value"
+    )
+    return MalformedEventError(message)
+
+
+class TranslatedEvent:
+    """Mangum's handler for one event, with the request (scope, body) built up front, so that only the
+    event's translation, never the app, can raise `MalformedEventError`."""
+
+    def __init__(self, handler: MangumHandler) -> None:
+        self.handler = handler
+        self._scope = handler.scope
+        self._body = handler.body
+
+    @classmethod
+    def infer(cls, event: LambdaEvent, context: LambdaContext, config: LambdaConfig) -> bool:
+        return False  # never inferred: it only wraps the handler Mangum inferred
+
+    @property
+    def scope(self) -> Scope:
+        return self._scope
+
+    @property
+    def body(self) -> bytes:
+        return self._body
+
+    def __call__(self, response: Response) -> dict[str, Any]:
+        return self.handler(response)
+
+
+class EventAdapter(Mangum):
+    """Mangum, whose translation of the event into a request raises `MalformedEventError` instead of
+    whatever its handlers raise; the app runs after, and its errors are its own (Mangum catches them)."""
+
+    def infer(self, event: LambdaEvent, context: LambdaContext) -> MangumHandler:
+        try:
+            return TranslatedEvent(super().infer(event, context))
+        except TRANSLATION_ERRORS as exc:
+            logger.warning("malformed event: %s", type(exc).__name__, exc_info=True)
+            raise malformed_event(exc) from exc
 
 
 def is_warmup(event: dict[str, Any]) -> bool:
@@ -64,14 +138,15 @@ def event_path(event: dict[str, Any]) -> str:
     return path if isinstance(path, str) else ""
 
 
-def error_event(error: LLMFunctionError, *, path: str = "") -> dict[str, Any]:
-    """An event the app never saw, answered with the one error body (as a direct payload's JSON)."""
+def error_event(error: LLMFunctionError, *, path: str = "", http: bool = False) -> dict[str, Any]:
+    """An event the app never saw, answered with the one error body: as a direct payload's JSON, or
+    (`http`) as the JSON string API Gateway, Function URLs and ALBs need."""
     content = domain_error_content(error, path=path)
-    return {
-        "statusCode": content.status,
-        "headers": {"content-type": "application/json", **content.headers},
-        "body": content.body,
-    }
+    headers = {"content-type": "application/json", **content.headers}
+    if http:
+        body = json.dumps(content.body)
+        return {"statusCode": content.status, "headers": headers, "body": body, "isBase64Encoded": False}
+    return {"statusCode": content.status, "headers": headers, "body": content.body}
 
 
 def build_handler(settings: Settings, engine: Engine) -> LambdaHandler:
@@ -90,7 +165,7 @@ def build_handler(settings: Settings, engine: Engine) -> LambdaHandler:
             metrics.add_metric(name="GenerationSeconds", unit=MetricUnit.Seconds, value=entry["generation_s"])
 
     app = create_app(settings, engine, request_sink=record_request)
-    adapter = Mangum(StageRootPath(app), lifespan="off", custom_handlers=[DirectPayload])
+    adapter = EventAdapter(StageRootPath(app), lifespan="off", custom_handlers=[DirectPayload])
     cold_start_pending = True
 
     def record_cold_start_metrics() -> None:
@@ -119,10 +194,16 @@ def build_handler(settings: Settings, engine: Engine) -> LambdaHandler:
         try:
             if direct:
                 check_direct_payload(event)
+            else:
+                check_http_event(event)
         except LLMFunctionError as exc:
-            return error_event(exc, path=path)
+            return error_event(exc, path=path, http=not direct)
         with deadline_in(generation_budget(event, context)):
-            return within_payload_limit(adapter(event, context), path=path, direct=direct)
+            try:
+                response = adapter(event, context)
+            except MalformedEventError as exc:  # raised by EventAdapter.infer only, before the app runs
+                return error_event(exc, path=path, http=not direct)
+        return within_payload_limit(response, path=path, direct=direct)
 
     @metrics.log_metrics(capture_cold_start_metric=True)
     @logger.inject_lambda_context

@@ -21,17 +21,29 @@ def generation_budget(event: dict[str, Any], context: Any) -> float | None:
     remaining_ms = getattr(context, "get_remaining_time_in_millis", None)
     if callable(remaining_ms):
         budgets.append(remaining_ms() / 1000 - SAFETY_MARGIN_S)
-    request_context = event.get("requestContext") or {}
+    request_context = event.get("requestContext")
+    if not isinstance(request_context, dict):
+        request_context = {}
     behind_api_gateway = "apiId" in request_context and ".lambda-url." not in str(
         request_context.get("domainName", "")
     )
     if behind_api_gateway:
         started_ms = request_context.get("requestTimeEpoch") or request_context.get("timeEpoch")
-        waited = time.time() - started_ms / 1000 if isinstance(started_ms, int | float) else 0.0
-        if not 0 <= waited < API_GATEWAY_TIMEOUT_S:
-            waited = 0.0  # a stored test event's old timestamp: API Gateway would have given up already
-        budgets.append(API_GATEWAY_TIMEOUT_S - waited - SAFETY_MARGIN_S)
+        budgets.append(API_GATEWAY_TIMEOUT_S - waited_s(started_ms) - SAFETY_MARGIN_S)
     return min(budgets) if budgets else None
+
+
+def waited_s(started_ms: Any) -> float:
+    """Seconds since API Gateway received the request (`requestTimeEpoch`/`timeEpoch`, in ms). Only a
+    time within the last 29 s counts: a stored test event's old timestamp, or an absurd one (inf after
+    JSON's 1e400, a 400-digit integer, NaN, a string), is ignored: 0."""
+    if isinstance(started_ms, bool) or not isinstance(started_ms, int | float):
+        return 0.0
+    now_ms = time.time() * 1000
+    # Compared before any arithmetic: Python compares a huge int with a float exactly, without overflow.
+    if not now_ms - API_GATEWAY_TIMEOUT_S * 1000 < started_ms <= now_ms:
+        return 0.0
+    return (now_ms - float(started_ms)) / 1000
 
 
 def within_payload_limit(response: dict[str, Any], *, path: str, direct: bool) -> dict[str, Any]:

@@ -5,7 +5,9 @@ open one more window, up to MAX_WINDOWS windows from the first) until a batch is
 them by `batch_key`, and runs each group through the engine's runner. A request that can't
 share (a seeded sample, a time budget, a greedy request on a model whose rounding depends on the
 batch) runs alone, in arrival order with the rest. A batch that fails is retried one request at
-a time, so one request's failure (or a batch too big for memory) is never another's.
+a time, so one request's failure (or a batch too big for memory) is never another's. A request
+cancelled (its client hung up) before its batch runs is left out of it; one cancelled while its
+batch runs stops at its next token, and the others go on.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from function.engine.types import SamplingParams
+from function.engine.types import Cancellation, SamplingParams
+from function.errors import ClientClosedRequestError
 
 if TYPE_CHECKING:
     from function.weights.loading import LoadedModel
@@ -29,8 +32,8 @@ logger = logging.getLogger(__name__)
 
 Result = TypeVar("Result")
 MAX_WINDOWS = 4  # a batch waits at most this many windows from its first request
-# Runs one group on one model: the encoded prompts with their parameters, one result each.
-Runner = Callable[["LoadedModel", list[tuple[Any, SamplingParams]]], list[Result]]
+# Runs one group on one model: the encoded prompts with their parameters and cancellations, one result each.
+Runner = Callable[["LoadedModel", list[tuple[Any, SamplingParams]], list[Cancellation | None]], list[Result]]
 
 
 def exact_batching(loaded: LoadedModel) -> bool:
@@ -90,6 +93,7 @@ class _Job(Generic[Result]):
     loaded: LoadedModel
     encoded: Any
     params: SamplingParams
+    cancel: Cancellation | None = None
     arrived: float = field(default_factory=time.monotonic)
     future: Future[Result] = field(default_factory=Future)
 
@@ -112,9 +116,16 @@ class MicroBatcher(Generic[Result]):
         self._closed = False
 
     def submit(
-        self, loaded: LoadedModel, encoded: Any, params: SamplingParams, key: Hashable | None
+        self,
+        loaded: LoadedModel,
+        encoded: Any,
+        params: SamplingParams,
+        key: Hashable | None,
+        cancel: Cancellation | None = None,
     ) -> Result:
-        job: _Job[Result] = _Job(key, loaded, encoded, params)
+        """The runner's result for this request. A request cancelled before its batch runs is left out of
+        it (ClientClosedRequestError); one cancelled while it runs stops at its next token."""
+        job: _Job[Result] = _Job(key, loaded, encoded, params, cancel)
         with self._lock:  # queued under the lock: close() can't slip in between and strand the job
             if self._closed:
                 raise BatcherClosedError("the batcher is closed")
@@ -182,8 +193,16 @@ class MicroBatcher(Generic[Result]):
         return groups
 
     def _run(self, group: list[_Job[Result]]) -> None:
+        for job in group:
+            if job.cancel is not None and job.cancel.cancelled:
+                job.future.set_exception(ClientClosedRequestError("the client closed the request"))
+        group = [job for job in group if not job.future.done()]
+        if not group:
+            return
         try:
-            results = self.runner(group[0].loaded, [(job.encoded, job.params) for job in group])
+            results = self.runner(
+                group[0].loaded, [(job.encoded, job.params) for job in group], [job.cancel for job in group]
+            )
             if len(results) != len(group):
                 raise RuntimeError(f"the runner returned {len(results)} results for {len(group)} requests")
         except BaseException as exc:  # handed to the callers; the worker lives on

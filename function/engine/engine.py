@@ -4,6 +4,10 @@ The served model is one immutable `LoadedModel` behind a reference that is repla
 under a lock, only after a new model has loaded completely. A request takes the reference
 once and uses it to the end, so requests in flight finish on the model they started with and
 a failed load leaves the old model serving.
+
+In server mode at most `settings.queue_limit` generation requests are admitted at once (`admit`),
+running or waiting; a request whose client is gone is cancelled (`Cancellation`) and stops at its
+next token.
 """
 
 from __future__ import annotations
@@ -11,38 +15,70 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import replace
 from typing import Any
 
 from function.config import Settings
 from function.engine.batching import MicroBatcher, batch_key, fit_context
 from function.engine.deadline import within_deadline
-from function.engine.limits import encode_prompt, validate_limits
+from function.engine.limits import encode_prompt, validate_limits, validate_messages, validate_stop_tokens
 from function.engine.prompts import build_chat_prompt, build_messages_prompt
 from function.engine.response_cache import ResponseCache
-from function.engine.streaming import StopHoldBack
+from function.engine.streaming import StopHoldBack, TextStream
 from function.engine.telemetry import ColdStartTelemetry
 from function.engine.types import (
+    Cancellation,
     Completion,
     EngineStatus,
     GroupResult,
     Quantization,
+    RowResult,
     SamplingParams,
     StreamEnd,
 )
 from function.errors import (
+    ClientClosedRequestError,
     ForbiddenError,
     InvalidRequestError,
     ModelLoadError,
     ModelLoadInProgressError,
     ModelNotLoadedError,
+    OverloadedError,
     UnknownAdapterError,
 )
 from function.weights.allowlist import check_model_path, default_allowed_paths
 from function.weights.loading import LoadedModel, load_model, pick_device, quantization_from_flags
 
 logger = logging.getLogger(__name__)
+
+# What a request cancelled before its `generate` call gets from `_run_group`: nothing (it raises).
+NOT_RUN = GroupResult(RowResult([], [], 0), 0.0, 0)
+
+
+def client_closed() -> ClientClosedRequestError:
+    return ClientClosedRequestError("the client closed the request before its answer was ready")
+
+
+class Admission:
+    """One generation request's place among those admitted at once (`Engine.admit`). `release`, or the
+    end of its `with` block, gives it back; a second release does nothing."""
+
+    def __init__(self, release: Callable[[], None] | None) -> None:
+        self._release = release
+        self._lock = threading.Lock()
+
+    def release(self) -> None:
+        with self._lock:
+            release, self._release = self._release, None
+        if release is not None:
+            release()
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.release()
 
 
 class Engine:
@@ -60,6 +96,9 @@ class Engine:
         self._generate_lock = threading.Lock()
         self._startup_error: str | None = None
         self._last_startup_attempt: float | None = None
+        self._retry_lock = threading.Lock()  # held while a background retry of the start-up load runs
+        self._admission_lock = threading.Lock()
+        self._admitted = 0
         self.telemetry = ColdStartTelemetry(startup_phases)
         self.cache = ResponseCache(settings.response_cache_size)
         # Server mode: groups concurrent requests into one `generate` call. None on Lambda (one request
@@ -83,7 +122,7 @@ class Engine:
 
     @property
     def loading(self) -> bool:
-        return self._load_lock.locked()
+        return self._load_lock.locked() or self._retry_lock.locked()
 
     @property
     def generating(self) -> bool:
@@ -130,13 +169,58 @@ class Engine:
             self._startup_error = exc.message
             logger.error("start-up model load failed: %s", exc.message)
 
-    def ensure_loaded(self) -> None:
-        """Retry a failed start-up load, at most once per `load_retry_interval_s`."""
+    def _retry_due(self) -> bool:
         if self._current is not None or self.settings.model_path is None or self.loading:
-            return
+            return False
         last = self._last_startup_attempt
-        if last is None or time.monotonic() - last >= self.settings.load_retry_interval_s:
+        return last is None or time.monotonic() - last >= self.settings.load_retry_interval_s
+
+    def ensure_loaded(self) -> None:
+        """Retry a failed start-up load, at most once per `load_retry_interval_s` (here, waiting for it)."""
+        if self._retry_due():
             self.load_startup_model()
+
+    def ensure_loaded_in_background(self) -> None:
+        """`ensure_loaded` in a thread of its own, without waiting for it: for /health, which answers at once
+        from `status()` ("loading" while the retry runs)."""
+        if not self._retry_due() or not self._retry_lock.acquire(blocking=False):
+            return
+
+        def retry() -> None:
+            try:
+                self.load_startup_model()
+            finally:
+                self._retry_lock.release()
+
+        threading.Thread(target=retry, name="start-up-load-retry", daemon=True).start()
+
+    # Admission.
+
+    @property
+    def admitted(self) -> int:
+        """Generation requests admitted now: running, or waiting for their turn."""
+        return self._admitted
+
+    def admit(self) -> Admission:
+        """A place for one generation request, for as long as it runs or waits (streamed: to its last
+        chunk). Server mode: at most `settings.queue_limit` at once; past it, OverloadedError (503 with
+        Retry-After) at once. On Lambda every request is admitted: one runs per execution environment."""
+        if self.settings.on_lambda:
+            return Admission(None)
+        limit = self.settings.queue_limit
+        with self._admission_lock:
+            if self._admitted >= limit:
+                raise OverloadedError(
+                    f"the server is busy: {limit} generation requests are running or waiting, its limit; "
+                    "retry in a second",
+                    limit=limit,
+                )
+            self._admitted += 1
+        return Admission(self._leave)
+
+    def _leave(self) -> None:
+        with self._admission_lock:
+            self._admitted -= 1
 
     def load(
         self,
@@ -215,36 +299,60 @@ class Engine:
         loaded = self._current
         return model if loaded is not None and model in loaded.adapters else None
 
-    # The request paths.
+    # The request paths. Each takes an optional Cancellation: set, the request stops at its next token
+    # (or never starts) and raises ClientClosedRequestError.
 
-    def generate(self, prompt: str, params: SamplingParams) -> Completion:
-        validate_limits(params, self.settings)
-        return self._complete(self.require_model(params), prompt, params, add_special_tokens=True)
-
-    def chat(self, instruction: str, input_text: str, params: SamplingParams) -> Completion:
-        validate_limits(params, self.settings)
+    def _model_for(self, params: SamplingParams) -> LoadedModel:
+        """The served model for a request, after the checks that need its tokenizer."""
         loaded = self.require_model(params)
+        validate_stop_tokens(loaded, params.stop, self.settings)
+        return loaded
+
+    def generate(self, prompt: str, params: SamplingParams, cancel: Cancellation | None = None) -> Completion:
+        validate_limits(params, self.settings)
+        return self._complete(self._model_for(params), prompt, params, add_special_tokens=True, cancel=cancel)
+
+    def chat(
+        self, instruction: str, input_text: str, params: SamplingParams, cancel: Cancellation | None = None
+    ) -> Completion:
+        validate_limits(params, self.settings)
+        loaded = self._model_for(params)
         prompt = build_chat_prompt(loaded, instruction, input_text, self.settings)
         # A chat template writes its own special tokens (BOS); don't add them twice.
-        return self._complete(loaded, prompt, params, add_special_tokens=not loaded.chat_template)
+        return self._complete(
+            loaded, prompt, params, add_special_tokens=not loaded.chat_template, cancel=cancel
+        )
 
-    def chat_messages(self, messages: list[dict[str, str]], params: SamplingParams) -> Completion:
+    def chat_messages(
+        self, messages: list[dict[str, str]], params: SamplingParams, cancel: Cancellation | None = None
+    ) -> Completion:
+        validate_messages(messages, self.settings)
         validate_limits(params, self.settings)
-        loaded = self.require_model(params)
+        loaded = self._model_for(params)
         prompt = build_messages_prompt(loaded, messages, self.settings)
-        return self._complete(loaded, prompt, params, add_special_tokens=not loaded.chat_template)
+        return self._complete(
+            loaded, prompt, params, add_special_tokens=not loaded.chat_template, cancel=cancel
+        )
 
-    def stream(self, prompt: str | list[dict[str, str]], params: SamplingParams) -> Iterator[str | StreamEnd]:
+    def stream(
+        self,
+        prompt: str | list[dict[str, str]],
+        params: SamplingParams,
+        cancel: Cancellation | None = None,
+    ) -> TextStream:
         """Text deltas as they are generated, then a StreamEnd. `prompt` is text or OpenAI-style messages.
 
         Text that could begin a stop string is held back; the deltas always add up to the same text a
         non-streamed request returns. Checks run here, before the first delta: a bad request fails
-        before a response starts.
+        before a response starts. Closing the stream (or `cancel`) stops its generation at the next
+        token; a cancelled stream just ends, without a StreamEnd.
         """
+        if isinstance(prompt, list):
+            validate_messages(prompt, self.settings)
         validate_limits(params, self.settings)
         if params.num_return_sequences != 1:
             raise InvalidRequestError("streaming returns one sequence: n must be 1", field="n", limit=1)
-        loaded = self.require_model(params)
+        loaded = self._model_for(params)
         if isinstance(prompt, list):
             text, special = build_messages_prompt(loaded, prompt, self.settings), not loaded.chat_template
         else:
@@ -252,11 +360,17 @@ class Engine:
         encoded, prompt_tokens = encode_prompt(
             loaded, text, params, self.settings, add_special_tokens=special
         )
-        return self._stream(loaded, encoded, prompt_tokens, within_deadline(params))
+        events = self._stream(loaded, encoded, prompt_tokens, within_deadline(params), Cancellation(cancel))
+        return TextStream(events, loaded.name)
 
     def _stream(
-        self, loaded: LoadedModel, encoded: Any, prompt_tokens: int, params: SamplingParams
-    ) -> Iterator[str | StreamEnd]:
+        self,
+        loaded: LoadedModel,
+        encoded: Any,
+        prompt_tokens: int,
+        params: SamplingParams,
+        cancel: Cancellation,
+    ) -> Generator[str | StreamEnd, None, None]:
         from transformers import TextIteratorStreamer
 
         from function.engine.generation import run_generation
@@ -267,30 +381,59 @@ class Engine:
         def work() -> None:
             try:
                 with self._generate_lock:
+                    if cancel.cancelled:  # given up while it waited for its turn: never starts
+                        streamer.end()
+                        return
+                    started = time.perf_counter()
                     outcome["result"] = run_generation(
-                        loaded, encoded, params, None, streamer=streamer, compiled=self.compiled
+                        loaded, encoded, params, streamer=streamer, compiled=self.compiled, cancel=cancel
                     )
+                    outcome["seconds"] = time.perf_counter() - started
             except BaseException as exc:  # surfaced to the reader below
                 outcome["error"] = exc
                 streamer.end()
 
         worker = threading.Thread(target=work, name="generate-stream", daemon=True)
         worker.start()
-        hold_back = StopHoldBack(params.stop)
-        for delta in streamer:
-            if safe := hold_back.feed(delta):
-                yield safe
-        worker.join()
-        if "error" in outcome:
-            raise outcome["error"]
-        row = outcome["result"]
-        if rest := hold_back.finish(row.continuations[0]):
-            yield rest
-        yield StreamEnd(row.finish_reasons[0], prompt_tokens, row.completion_tokens, loaded.name)
+        finished = False
+        try:
+            hold_back = StopHoldBack(params.stop)
+            for delta in streamer:
+                if cancel.cancelled:
+                    break
+                if safe := hold_back.feed(delta):
+                    yield safe
+            worker.join()
+            if cancel.cancelled:
+                return
+            if "error" in outcome:
+                raise outcome["error"]
+            row = outcome["result"]
+            if rest := hold_back.finish(row.continuations[0]):
+                yield rest
+            finished = True
+            yield StreamEnd(
+                row.finish_reasons[0],
+                prompt_tokens,
+                row.completion_tokens,
+                loaded.name,
+                round(outcome["seconds"], 4),
+            )
+        finally:
+            if not finished:  # closed early (the reader is gone), or failed: stop generating
+                cancel.cancel()
 
     def _complete(
-        self, loaded: LoadedModel, prompt: str, params: SamplingParams, *, add_special_tokens: bool
+        self,
+        loaded: LoadedModel,
+        prompt: str,
+        params: SamplingParams,
+        *,
+        add_special_tokens: bool,
+        cancel: Cancellation | None = None,
     ) -> Completion:
+        if cancel is not None and cancel.cancelled:
+            raise client_closed()
         cache_key = self.cache.key(loaded, prompt, params, add_special_tokens)
         if cache_key is not None and (cached := self.cache.get(cache_key)) is not None:
             return replace(cached, generation_time=0.0, batch_size=0)  # answered without a generate call
@@ -299,10 +442,12 @@ class Engine:
         )
         params = within_deadline(params)
         if self.batcher is None:
-            result = self._run_group(loaded, [(encoded, params)])[0]
+            result = self._run_group(loaded, [(encoded, params)], [cancel])[0]
         else:
             key = batch_key(loaded, params, reduced_precision=self.settings.batch_reduced_precision)
-            result = self.batcher.submit(loaded, encoded, params, key)
+            result = self.batcher.submit(loaded, encoded, params, key, cancel)
+        if cancel is not None and cancel.cancelled:
+            raise client_closed()  # its answer stopped short, and nobody waits for it: never cached
         completion = Completion(
             prompt=prompt,
             continuations=result.row.continuations,
@@ -317,20 +462,37 @@ class Engine:
             self.cache.put(cache_key, completion)
         return completion
 
-    def _run_group(self, loaded: LoadedModel, items: list[tuple[Any, SamplingParams]]) -> list[GroupResult]:
+    def _run_group(
+        self,
+        loaded: LoadedModel,
+        items: list[tuple[Any, SamplingParams]],
+        cancels: list[Cancellation | None] | None = None,
+    ) -> list[GroupResult]:
         """`generate` calls for prompts that share their sampling parameters (see batching.batch_key):
         one call, or more where padding to the longest prompt and decoding to the largest
-        max_new_tokens would pass the model's context."""
+        max_new_tokens would pass the model's context. A prompt cancelled by the time the lock is
+        ours is left out (NOT_RUN); one cancelled during its call stops at its next token."""
         from function.engine.generation import run_batch
 
-        out: list[GroupResult] = []
+        row_cancels = cancels if cancels is not None else [None] * len(items)
+        out: list[GroupResult] = [NOT_RUN] * len(items)
         with self._generate_lock:
-            for call in fit_context(items, loaded.context_length):
+            live = [i for i, cancel in enumerate(row_cancels) if cancel is None or not cancel.cancelled]
+            done = 0
+            for call in fit_context([items[i] for i in live], loaded.context_length):
+                indices, done = live[done : done + len(call)], done + len(call)
                 started = time.perf_counter()
                 on_first_token = self.telemetry.first_token_recorder(started)
-                rows = run_batch(loaded, call, on_first_token, compiled=self.compiled)
+                rows = run_batch(
+                    loaded,
+                    call,
+                    on_first_token,
+                    compiled=self.compiled,
+                    cancels=[row_cancels[i] for i in indices],
+                )
                 elapsed = time.perf_counter() - started
-                out += [GroupResult(row, elapsed, len(call)) for row in rows]
+                for index, row in zip(indices, rows, strict=True):
+                    out[index] = GroupResult(row, elapsed, len(call))
         return out
 
 

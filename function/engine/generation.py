@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from function.engine.streaming import first_stop
-from function.engine.types import FinishReason, RowResult, SamplingParams
+from function.engine.types import Cancellation, FinishReason, RowResult, SamplingParams
 from function.weights.adapters import BASE_ADAPTER_NAME
 
 if TYPE_CHECKING:
@@ -19,7 +19,8 @@ def generation_config(
 ) -> Any:
     """A complete GenerationConfig: nothing is inherited from the checkpoint's defaults by accident.
 
-    The repetition penalty is not in it: `PaddingAwareRepetitionPenalty` applies it (see run_batch).
+    The repetition penalty and the stop strings are not in it: `PaddingAwareRepetitionPenalty` and
+    `StopStrings` apply them (see run_batch).
     `compiled`: a static KV cache, which transformers decodes with a torch.compile'd forward.
     """
     from transformers import GenerationConfig
@@ -37,8 +38,6 @@ def generation_config(
     }
     if not params.greedy:
         options.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
-    if params.stop:
-        options["stop_strings"] = list(params.stop)
     if params.max_time is not None:
         options["max_time"] = params.max_time
     if compiled:
@@ -58,9 +57,12 @@ def run_generation(
     streamer: Any = None,
     *,
     compiled: bool = False,
+    cancel: Cancellation | None = None,
 ) -> RowResult:
     """Generate for one prompt: a batch of one, through the same code as a batch of many."""
-    return run_batch(loaded, [(encoded, params)], on_first_token, streamer=streamer, compiled=compiled)[0]
+    return run_batch(
+        loaded, [(encoded, params)], on_first_token, streamer=streamer, compiled=compiled, cancels=[cancel]
+    )[0]
 
 
 def run_batch(
@@ -70,17 +72,27 @@ def run_batch(
     streamer: Any = None,
     *,
     compiled: bool = False,
+    cancels: list[Cancellation | None] | None = None,
 ) -> list[RowResult]:
     """One `generate` call for several tokenized prompts that share their sampling parameters
     (all but `max_new_tokens`, which each row keeps as its own limit).
 
     Prompts are padded on the left and masked; the repetition penalty ignores each row's padding.
     `on_first_token` is called once, right after the first new token exists (cold-start timing).
+    `cancels`, one per prompt: a prompt whose cancellation is set stops at its next token (its result
+    holds what it had generated); the others go on.
     """
     import torch
     from transformers import LogitsProcessorList, StoppingCriteriaList
 
-    from function.engine.logits import BoundedLogits, FirstToken, PaddingAwareRepetitionPenalty, RowLimits
+    from function.engine.logits import (
+        BoundedLogits,
+        Cancelled,
+        FirstToken,
+        PaddingAwareRepetitionPenalty,
+        RowLimits,
+        StopStrings,
+    )
 
     group = items[0][1]
     if not group.greedy:
@@ -112,6 +124,13 @@ def run_batch(
     criteria: list[Any] = []
     if len(set(limits)) > 1:
         criteria.append(RowLimits(width, row_limits))
+    if group.stop:
+        tokenizer = loaded.tokenizer
+        criteria.append(
+            StopStrings(lambda context, new: decode_continuation(tokenizer, context, new), group.stop, width)
+        )
+    if cancels is not None and any(cancel is not None for cancel in cancels):
+        criteria.append(Cancelled([cancel for cancel in cancels for _ in range(copies)]))
     if on_first_token is not None:
         criteria.append(FirstToken(on_first_token))
     extra: dict[str, Any] = {}

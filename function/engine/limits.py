@@ -26,6 +26,52 @@ def validate_limits(params: SamplingParams, settings: Settings) -> None:
             field="num_return_sequences",
             limit=settings.max_num_return_sequences,
         )
+    validate_stop_strings(params.stop, settings)
+
+
+def validate_stop_strings(stops: tuple[str, ...], settings: Settings) -> None:
+    """Each stop string, and all of them together, within their character caps: every generated token is
+    checked against them, so their size is work on every step."""
+    cap = settings.max_stop_string_chars
+    for index, stop in enumerate(stops):
+        if len(stop) > cap:
+            raise InvalidRequestError(
+                f"each stop string must be at most {cap} characters; stop[{index}] has {len(stop)}",
+                field="stop",
+                limit=cap,
+            )
+    total, total_cap = sum(map(len, stops)), settings.max_stop_total_chars
+    if total > total_cap:
+        raise InvalidRequestError(
+            f"the stop strings must total at most {total_cap} characters; they have {total}",
+            field="stop",
+            limit=total_cap,
+        )
+
+
+def validate_stop_tokens(loaded: LoadedModel, stops: tuple[str, ...], settings: Settings) -> None:
+    """Each stop string within its cap in tokens of the served model's tokenizer (checked once the model is
+    known, after the character caps have bounded the tokenizing)."""
+    cap = settings.max_stop_string_tokens
+    for index, stop in enumerate(stops):
+        tokens = len(loaded.tokenizer(stop, add_special_tokens=False)["input_ids"])
+        if tokens > cap:
+            raise InvalidRequestError(
+                f"each stop string must be at most {cap} tokens of the served model's tokenizer; "
+                f"stop[{index}] has {tokens}",
+                field="stop",
+                limit=cap,
+            )
+
+
+def validate_messages(messages: list[dict[str, str]], settings: Settings) -> None:
+    """The number of messages of a chat request: each one is rendered through the chat template."""
+    if len(messages) > settings.max_messages:
+        raise InvalidRequestError(
+            f"a chat request may have at most {settings.max_messages} messages; this one has {len(messages)}",
+            field="messages",
+            limit=settings.max_messages,
+        )
 
 
 def encode_prompt(

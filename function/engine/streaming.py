@@ -7,6 +7,10 @@ it can't, and nothing at or after a stop string is ever sent.
 
 from __future__ import annotations
 
+from collections.abc import Generator, Iterator
+
+from function.engine.types import StreamEnd
+
 
 def first_stop(text: str, stops: tuple[str, ...]) -> int | None:
     """Where the earliest stop string in `text` begins, or None."""
@@ -54,3 +58,21 @@ class StopHoldBack:
         if final.startswith(sent) and len(final) > len(sent):
             return final[len(sent) :]
         return ""
+
+
+class TextStream(Iterator[str | StreamEnd]):
+    """A stream's events (text deltas, then a StreamEnd) with the name of the model that generates them,
+    known before the first delta. `close` gives the stream up: its generation stops at the next token."""
+
+    def __init__(self, events: Generator[str | StreamEnd, None, None], model_name: str) -> None:
+        self._events = events
+        self.model_name = model_name
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str | StreamEnd:
+        return next(self._events)
+
+    def close(self) -> None:
+        self._events.close()

@@ -6,6 +6,7 @@ without an import cycle.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Literal
 
@@ -79,6 +80,26 @@ class StreamEnd:
     prompt_tokens: int
     completion_tokens: int
     model_name: str
+    generation_time: float = 0.0  # seconds the stream's `generate` call ran
+
+
+class Cancellation:
+    """Set when a request's answer is no longer wanted (its client hung up): its generation stops at the
+    next token, and a request not yet started never starts. Thread-safe; setting it twice is harmless.
+
+    With a `parent`, it is also cancelled whenever the parent is (a stream's own token, under its request's).
+    """
+
+    def __init__(self, parent: Cancellation | None = None) -> None:
+        self._event = threading.Event()
+        self._parent = parent
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set() or (self._parent is not None and self._parent.cancelled)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@
   weights are never downloaded twice, also after an environment reset that keeps /tmp.
 - Nothing partial ever looks complete: files are written as `*.part` and renamed after their
   check, a directory counts only with its completion marker, and leftovers are removed first.
+- Space is checked up front, counting what other fetches of this process have yet to write (their
+  `.part` files are sparse until written); a disk that fills up anyway is reported as such.
 - S3 access is boto3's own configuration (credentials chain, AWS_ENDPOINT_URL_S3).
 """
 
@@ -37,6 +39,7 @@ from function.weights.integrity import (
     verify_s3_checksum,
 )
 from function.weights.s3 import S3Location, client_error_code, describe_client_error, parse_s3_uri, s3_client
+from function.weights.space import SPACE, Reservation, is_no_space, no_space_error
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +109,8 @@ class ModelFetcher:
             raise
         except Exception as exc:  # botocore raises many types; all become one clear reason
             logger.warning("model fetch failed: %s", type(exc).__name__, exc_info=True)
+            if is_no_space(exc):  # creating the lock or the directory, say
+                raise no_space_error(None) from exc
             raise ModelLoadError(describe_client_error(exc), field="model_path") from exc
 
     def _fetch(self, location: S3Location, started: float) -> FetchResult:
@@ -139,27 +144,35 @@ class ModelFetcher:
         # 10 s limit, say): only the rest is fetched. The marker still comes last.
         pending = [f for f in files if not (target / f.name).is_file()]
         needed = sum(f.size for f in pending)
-        self._check_space(needed)
-        target.mkdir(parents=True, exist_ok=True)
-        try:
-            self._download_all(location, files, pending, target)
-        except BaseException:
-            shutil.rmtree(target, ignore_errors=True)  # nothing partial stays behind
-            raise
-        (target / COMPLETE_MARKER).write_text(
-            json.dumps({"files": len(files), "bytes": total}), encoding="utf-8"
-        )
+        with self._reserve(needed) as reservation:
+            try:
+                target.mkdir(parents=True, exist_ok=True)
+                self._download_all(location, files, pending, target, reservation)
+                (target / COMPLETE_MARKER).write_text(
+                    json.dumps({"files": len(files), "bytes": total}), encoding="utf-8"
+                )
+            except BaseException as exc:
+                shutil.rmtree(target, ignore_errors=True)  # nothing partial stays behind
+                if is_no_space(exc):
+                    raise no_space_error(needed) from exc
+                raise
         return FetchResult(target, len(files), total, needed, time.perf_counter() - started, False)
 
     def _download_all(
-        self, location: S3Location, files: list[RemoteFile], pending: list[RemoteFile], target: Path
+        self,
+        location: S3Location,
+        files: list[RemoteFile],
+        pending: list[RemoteFile],
+        target: Path,
+        reservation: Reservation,
     ) -> None:
         manifest = self._manifest(location, files)
         # One flat pool over every byte range of every file: small files and the parts of large ones
         # all proceed at once. Then each file is verified (in parallel) and renamed into place.
         tasks = [(f, first, last) for f in pending for first, last in self._ranges(f, target)]
         with ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="fetch") as pool:
-            for _ in pool.map(lambda task: self._download_range(task[0], target, task[1], task[2]), tasks):
+            download = partial(self._download_range, target=target, reservation=reservation)
+            for _ in pool.map(lambda task: download(task[0], first=task[1], last=task[2]), tasks):
                 pass
             for _ in pool.map(lambda f: self._verify_and_place(f, target, manifest), pending):
                 pass
@@ -197,15 +210,21 @@ class ModelFetcher:
         body = self.client.get_object(Bucket=location.bucket, Key=entry.key)["Body"].read()
         return parse_manifest(body, {f.name for f in files})
 
-    def _check_space(self, needed: int) -> None:
+    def free_bytes(self) -> int:
+        """Free space in the cache directory's filesystem."""
+        return shutil.disk_usage(self.cache_root).free
+
+    @contextmanager
+    def _reserve(self, needed: int) -> Iterator[Reservation]:
+        """Hold `needed` bytes against the free space until the fetch ends, or refuse the fetch now."""
         self.cache_root.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(self.cache_root).free
-        if free < needed + self.reserve_bytes:
-            raise ModelLoadError(
-                f"not enough space for the model in the cache directory: it needs {needed / 1e6:.0f} MB, "
-                f"{free / 1e6:.0f} MB are free; raise the function's ephemeral storage",
-                field="model_path",
-            )
+        reservation = SPACE.reserve(
+            os.stat(self.cache_root).st_dev, needed, self.free_bytes, self.reserve_bytes
+        )
+        try:
+            yield reservation
+        finally:
+            SPACE.release(reservation)
 
     def _remove_leftovers(self, keep: Path) -> None:
         """Partial downloads and older versions of this prefix go first; other models' complete caches stay
@@ -244,7 +263,9 @@ class ModelFetcher:
         self._verify(remote, part_file, manifest)
         os.replace(part_file, target / remote.name)
 
-    def _download_range(self, remote: RemoteFile, target: Path, first: int, last: int) -> None:
+    def _download_range(
+        self, remote: RemoteFile, *, target: Path, first: int, last: int, reservation: Reservation
+    ) -> None:
         """GET one byte range into place; a stream cut mid-body is retried from its start."""
         path = _partial_path(target, remote)
         for attempt in range(STREAM_ATTEMPTS):
@@ -258,7 +279,8 @@ class ModelFetcher:
                     handle.seek(first)
                     written = 0
                     for chunk in iter(partial(body.read, 1024 * 1024), b""):
-                        handle.write(chunk)
+                        self._write_chunk(handle, chunk)
+                        SPACE.written(reservation, len(chunk))
                         written += len(chunk)
                 expected = (last - first + 1) if last >= first else remote.size
                 if written != expected:
@@ -271,9 +293,13 @@ class ModelFetcher:
             except ModelLoadError:
                 raise
             except Exception as exc:
-                if client_error_code(exc) or attempt == STREAM_ATTEMPTS - 1:
+                if client_error_code(exc) or is_no_space(exc) or attempt == STREAM_ATTEMPTS - 1:
                     raise
                 time.sleep(min(2.0, 0.1 * 2**attempt))
+
+    def _write_chunk(self, handle: Any, chunk: bytes) -> None:
+        """Every downloaded byte is written here."""
+        handle.write(chunk)
 
     def _verify(self, remote: RemoteFile, path: Path, manifest: Manifest | None) -> None:
         size = path.stat().st_size

@@ -19,6 +19,12 @@ from typing import Any
 from function.config import Settings, enforce_hub_offline
 from function.engine.types import Quantization
 from function.errors import InvalidRequestError, ModelLoadError
+from function.weights.checkpoint import (
+    check_checkpoint,
+    config_context_length,
+    loading_problem,
+    read_checkpoint,
+)
 from function.weights.fetcher import FetchResult
 from function.weights.resolve import TOKENIZER_FILES
 from function.weights.sources import ModelSources, PathCheck, resolve_sources
@@ -98,21 +104,6 @@ def cpu_has_native_bf16() -> bool:
     return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
 
 
-def count_checkpoint_parameters(local_dir: Path) -> int:
-    """Parameters in the safetensors files, from their headers (no weights are read)."""
-    from safetensors import safe_open
-
-    total = 0
-    for shard in sorted(local_dir.glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                numel = 1
-                for dim in handle.get_slice(key).get_shape():
-                    numel *= dim
-                total += numel
-    return total
-
-
 def choose_dtype(device: str, checkpoint_dtype: Any, parameters: int, settings: Settings) -> Any:
     """CUDA: the checkpoint's half dtype. CPU: fp32, or bf16 where native and measured faster."""
     import torch
@@ -162,13 +153,12 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _context_length(config: Any, tokenizer: Any) -> int:
-    for attribute in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, attribute, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    limit = getattr(tokenizer, "model_max_length", None)
-    if isinstance(limit, int) and 0 < limit < 10**7:
+def _context_length(config: Any, tokenizer: Any, settings: Settings) -> int:
+    claimed = config_context_length(config, settings)
+    if claimed is not None:
+        return claimed
+    limit = getattr(tokenizer, "model_max_length", None)  # transformers' "no limit" is 1e30: ignored
+    if isinstance(limit, int) and 0 < limit < min(10**7, settings.max_context_length + 1):
         return limit
     return FALLBACK_CONTEXT_LENGTH
 
@@ -251,8 +241,10 @@ def _from_pretrained(
     base_dir = sources.base.local_dir
     offline: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
     config = AutoConfig.from_pretrained(base_dir, **offline)
+    checkpoint = read_checkpoint(base_dir)  # headers only
+    check_checkpoint(config, checkpoint, settings)  # before anything is allocated
     tokenizer = AutoTokenizer.from_pretrained(_tokenizer_dir(sources), **offline)
-    parameters = count_checkpoint_parameters(base_dir)
+    parameters = checkpoint.parameters
     checkpoint_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     dtype = choose_dtype(device, checkpoint_dtype, parameters, settings)
     kwargs: dict[str, Any] = {**offline, "use_safetensors": True, "dtype": dtype}
@@ -260,14 +252,22 @@ def _from_pretrained(
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = {"": device}
-    model: Any
+    loaded: Any  # (model, loading info) with output_loading_info
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_pretrained(base_dir, config=config, **kwargs)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            base_dir, config=config, output_loading_info=True, **kwargs
+        )
+    model, info = loaded
+    problem = loading_problem(info)  # what the header check can't follow (tensors merged at load, say)
+    if problem is not None:
+        del model, loaded
+        _release_memory()
+        raise ModelLoadError(problem, field="model_path")
     if quantization_config is None:
         model = model.to(device)
     model, merged = attach_adapters(model, sources, quantization)
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer, dtype, _context_length(config, tokenizer), parameters, merged
+    return model, tokenizer, dtype, _context_length(config, tokenizer, settings), parameters, merged

@@ -9,12 +9,14 @@ checked like a local directory. A directory holds a full model (`config.json`, t
 from __future__ import annotations
 
 import json
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from function.errors import ModelLoadError
+from function.errors import ModelLoadError, ModelPathNotAllowedError
 from function.weights.fetcher import FetchResult
 from function.weights.integrity import PICKLE_SUFFIXES
 from function.weights.prefetch import fetch_model
@@ -53,8 +55,14 @@ def model_name_from_path(model_path: str) -> str:
     return Path(model_path.rstrip("/\\")).name or model_path
 
 
-def resolve_weights(model_path: str, cache_dir: Path) -> ResolvedWeights:
-    """Turn `model_path` into a checked local directory (fetching `s3://` into `cache_dir`)."""
+def resolve_weights(
+    model_path: str, cache_dir: Path, check_path: Callable[[str], None] | None = None
+) -> ResolvedWeights:
+    """Turn `model_path` into a checked local directory (fetching `s3://` into `cache_dir`).
+
+    `check_path` is /load_model's allow-list: there a link in a local directory may lead only into the
+    directory or the allow-list. Without it (the start-up MODEL_PATH, the operator's own choice) links
+    are followed, so a Hugging Face cache snapshot (files linked to ../../blobs) can be served."""
     started = time.perf_counter()
     if model_path.startswith("s3://"):
         fetched = fetch_model(model_path, cache_dir)
@@ -79,6 +87,8 @@ def resolve_weights(model_path: str, cache_dir: Path) -> ResolvedWeights:
             "(model hub ids are not fetched: this service is offline)",
             field="model_path",
         )
+    if check_path is not None:
+        check_links(local_dir, check_path)
     kind = check_model_files(local_dir)
     return ResolvedWeights(
         local_dir=local_dir.resolve(),
@@ -87,6 +97,36 @@ def resolve_weights(model_path: str, cache_dir: Path) -> ResolvedWeights:
         resolve_seconds=time.perf_counter() - started,
         kind=kind,
     )
+
+
+def check_links(local_dir: Path, check_path: Callable[[str], None] | None = None) -> None:
+    """Every file of a local model directory lies inside it: a link that leads out (to weights outside
+    ALLOWED_MODEL_PATHS, say) is refused, unless `check_path` (the allow-list) admits where it leads."""
+    root = os.path.realpath(local_dir)
+    for folder, folders, files in os.walk(root):  # links to folders are not followed: each is checked here
+        for name in (*folders, *files):
+            entry = os.path.join(folder, name)
+            if not os.path.islink(entry):
+                continue  # a plain entry of a folder walked from the root lies inside it
+            target = os.path.realpath(entry)
+            if os.path.commonpath([root, target]) == root or _admits(check_path, target):
+                continue
+            raise ModelLoadError(
+                f"model file {os.path.relpath(entry, root)} is a link outside the model directory"
+                + (" and outside ALLOWED_MODEL_PATHS" if check_path else "")
+                + "; copy the file into the directory",
+                field="model_path",
+            )
+
+
+def _admits(check_path: Callable[[str], None] | None, path: str) -> bool:
+    if check_path is None:
+        return False
+    try:
+        check_path(path)
+    except ModelPathNotAllowedError:
+        return False
+    return True
 
 
 def check_model_files(local_dir: Path) -> ModelKind:

@@ -82,7 +82,9 @@ def resolve_sources(
     for path in upfront:
         check(path)
     with ThreadPoolExecutor(max_workers=max(1, len(upfront)), thread_name_prefix="resolve") as pool:
-        resolving = {path: pool.submit(resolve_weights, path, cache_dir) for path in dict.fromkeys(upfront)}
+        resolving = {
+            path: pool.submit(resolve_weights, path, cache_dir, check_path) for path in dict.fromkeys(upfront)
+        }
         first = resolving[model_path].result()
         if first.kind == "adapter" and adapters:
             raise ModelLoadError(
@@ -93,7 +95,7 @@ def resolve_sources(
         base_path = model_path if first.kind == "model" else _base_of(first, base_model_path)
         if base_path not in resolving:
             check(base_path)
-            resolving[base_path] = pool.submit(resolve_weights, base_path, cache_dir)
+            resolving[base_path] = pool.submit(resolve_weights, base_path, cache_dir, check_path)
         base = resolving[base_path].result()
         extra = {name: resolving[path].result() for name, path in adapters.items()}
     if base.kind != "model":

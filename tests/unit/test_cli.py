@@ -9,8 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from function.__main__ import build_parser, main, settings_from_args
+from function.__main__ import (
+    HEAD_ALLOWANCE,
+    build_parser,
+    head_limit,
+    header_limited_protocol,
+    main,
+    request_path,
+    settings_from_args,
+)
 from tests.support.ports import free_port
+from tests.support.settings import make_settings
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -124,3 +133,28 @@ def test_a_busy_port_stops_serve_before_the_model_loads(demo_model_dir: Path) ->
 def test_a_port_out_of_range_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--model_path", "unused", "--port", "70000"]) == 2
     assert "--port must be between 0 and 65535, not 70000" in capsys.readouterr().err
+
+
+def test_the_server_protocol_is_h11_with_a_head_limit() -> None:
+    # GIVEN the settings' header cap
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    settings = make_settings(max_header_bytes=4096)
+
+    # THEN serve gives uvicorn the h11 protocol (httptools has no head limit) and a limit above the cap,
+    # with room for the request line and separators
+    assert issubclass(header_limited_protocol(settings.max_header_bytes), H11Protocol)
+    assert head_limit(settings) == 4096 + HEAD_ALLOWANCE
+
+
+@pytest.mark.parametrize(
+    ("head", "path"),
+    [
+        (b"POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: h\r\nX-Pad: ppp", "/v1/chat/completions"),
+        (b"GET /health HTTP/1.1\r\n", "/health"),
+        (b"GET /very-long-unfinished-pa", "/very-long-unfinished-pa"),
+        (b"GARBAGE", ""),
+    ],
+)
+def test_the_path_of_a_refused_head(head: bytes, path: str) -> None:
+    assert request_path(head) == path

@@ -116,3 +116,55 @@ def test_key_comparison() -> None:
     assert key_matches("abc", ["x", "abc"])
     assert not key_matches("ab", ["abc"])
     assert not key_matches("abc", [])
+
+
+UNREADABLE_BODIES = [  # bodies FastAPI fails on (the first two while reading them, before the key check)
+    (b"{not json", "application/json", 400),
+    (b'{"prompt": "caf\xe9"}', "application/json", 400),
+    (b'{"prompt": "hi"}', "application/x-www-form-urlencoded", 415),
+]
+
+
+@pytest.mark.parametrize("route", ["/generate", "/chat", "/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize(
+    ("raw", "content_type", "_status"), UNREADABLE_BODIES, ids=["malformed", "latin-1", "form"]
+)
+@pytest.mark.parametrize("key", [None, WRONG], ids=["no-key", "wrong-key"])
+def test_the_key_is_checked_before_the_body(
+    guarded: TestClient, route: str, raw: bytes, content_type: str, _status: int, key: str | None
+) -> None:
+    # GIVEN a request whose body cannot be read as JSON, without a valid key
+    headers = {"Content-Type": content_type} | ({"X-API-Key": key} if key else {})
+
+    # WHEN it is sent
+    response = guarded.post(route, content=raw, headers=headers)
+
+    # THEN it gets the 401, not the body's error
+    assert response.status_code == 401, response.text
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+@pytest.mark.parametrize(
+    ("raw", "content_type", "status"), UNREADABLE_BODIES, ids=["malformed", "latin-1", "form"]
+)
+def test_with_a_valid_key_the_body_error_is_answered(
+    guarded: TestClient, raw: bytes, content_type: str, status: int
+) -> None:
+    response = guarded.post(
+        "/generate", content=raw, headers={"Content-Type": content_type, "X-API-Key": USER}
+    )
+
+    assert response.status_code == status, response.text
+
+
+def test_a_wrong_key_with_a_malformed_body_counts_against_the_rate_limit(demo_model_dir: Path) -> None:
+    # GIVEN a rate limit of 2 a minute, and clients guessing keys with bodies that cannot be parsed
+    settings = make_settings(model_path=str(demo_model_dir), api_keys=[USER], rate_limit="2/minute")
+    client = TestClient(create_app(settings, Engine(settings)))
+    headers = {"Content-Type": "application/json", "X-API-Key": WRONG}
+
+    # WHEN one client guesses three times
+    statuses = [client.post("/generate", content=b"{", headers=headers).status_code for _ in range(3)]
+
+    # THEN the guesses are counted against its address, as with a well-formed body
+    assert statuses == [401, 401, 429]

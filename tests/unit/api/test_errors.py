@@ -263,3 +263,66 @@ def test_error_bodies_carry_no_traceback_path_uri_or_key(
         text = response.text
         for leak in ("Traceback", 'File "', str(tmp_path), "/tmp/", "s3://models", "private/area", key):
             assert leak not in text, (leak, text)
+
+
+JSON_ROUTES = [
+    ("/generate", {"prompt": "hi", "max_new_tokens": 1}),
+    ("/chat", {"instruction": "hi", "max_new_tokens": 1}),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 1}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}),
+]
+
+
+def family_error(response: Any, status: int, path: str) -> dict[str, Any]:
+    return openai_error(response, status) if path.startswith("/v1/") else our_error(response, status)
+
+
+@pytest.mark.parametrize("route", [route for route, _ in JSON_ROUTES])
+@pytest.mark.parametrize(
+    "raw",
+    [b'{"prompt": "caf\xe9"}', b"\xff\xfe\x00", b'{"prompt": "\xc3"}'],
+    ids=["latin-1", "garbage", "cut-sequence"],
+)
+def test_a_body_that_is_not_utf8_is_a_400_invalid_json(client: TestClient, route: str, raw: bytes) -> None:
+    # WHEN the body's bytes are not UTF-8 (here: Latin-1 "café", or no text at all)
+    response = client.post(route, content=raw, headers={"Content-Type": "application/json"})
+
+    # THEN it is the documented invalid_json, saying the body must be UTF-8 JSON
+    error = family_error(response, 400, route)
+    assert error["code"] == "invalid_json"
+    assert "UTF-8 JSON" in error["message"]
+
+
+def test_json_nested_too_deeply_is_a_400_invalid_json(client: TestClient) -> None:
+    response = client.post("/generate", content=b"[" * 100_000, headers={"Content-Type": "application/json"})
+
+    error = our_error(response, 400)
+    assert error["code"] == "invalid_json"
+    assert "nested too deeply" in error["message"]
+
+
+@pytest.mark.parametrize(("route", "body"), JSON_ROUTES)
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "text/plain", None])
+def test_a_json_body_without_its_content_type_is_a_415_saying_what_to_send(
+    client: TestClient, route: str, body: dict[str, Any], content_type: str | None
+) -> None:
+    # GIVEN a valid JSON body sent as `curl -d` sends it (form-urlencoded), as text, or without a type
+    headers = {"Content-Type": content_type} if content_type else {}
+
+    # WHEN it is posted
+    response = client.post(route, content=json.dumps(body).encode(), headers=headers)
+
+    # THEN 415 tells the caller which Content-Type to send
+    error = family_error(response, 415, route)
+    assert error["code"] == "unsupported_media_type"
+    assert "Content-Type: application/json" in error["message"]
+
+
+@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "application/vnd.api+json"])
+def test_json_content_types_with_parameters_or_suffixes_are_json(
+    client: TestClient, content_type: str
+) -> None:
+    # an invalid field: 422 shows the body was read as JSON, without generating anything
+    response = client.post("/generate", content=b'{"prompt": ""}', headers={"Content-Type": content_type})
+
+    assert our_error(response, 422)["details"][0]["field"] == "prompt"

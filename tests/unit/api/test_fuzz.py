@@ -21,6 +21,12 @@ ADMIN_KEY = "fuzz-admin-key-0123456789"
 _settings = make_settings(
     model_path=str(build_demo_model(_models / "final_model")),
     max_new_tokens=8,
+    # /openapi.json publishes it as messages' maxItems: fewer messages than fill the demo model's context
+    max_messages=16,
+    # The schema states each stop string's characters, not its tokens (byte-level tokens of unusual
+    # characters run long) nor the total over the list: those bounds have tests of their own.
+    max_stop_string_tokens=10_000,
+    max_stop_total_chars=10_000,
     allowed_model_paths=[str(_models)],
     api_keys=["fuzz-user-key-0123456789"],
     admin_api_keys=[ADMIN_KEY],

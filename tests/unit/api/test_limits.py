@@ -1,4 +1,4 @@
-"""Caps: request body, prompt tokens, the Lambda response size, and the per-key rate limit."""
+"""Caps: request headers and body, prompt tokens, the Lambda response size, and the per-key rate limit."""
 
 from __future__ import annotations
 
@@ -130,3 +130,47 @@ def test_openapi_examples_are_lowered_to_the_servers_limits(demo_model_dir: Path
     chat_curl = {"instruction": "머신러닝을 설명하세요", "max_new_tokens": 77}
     assert schemas["ChatRequest"]["examples"][1] == chat_curl
     assert schemas["CompletionRequest"]["examples"][0]["max_tokens"] == 64  # under the limit: kept
+
+
+HEADER_LIMIT = 2048
+
+
+def header_bytes(client: TestClient, method: str, path: str, headers: dict[str, str]) -> int:
+    """What HeaderSizeLimit counts for this request: its header names and values, client defaults too."""
+    request = client.build_request(method, path, headers=headers)
+    return sum(len(name) + len(value) for name, value in request.headers.raw)
+
+
+@pytest.mark.parametrize("path", ["/health", "/v1/models"])
+def test_headers_over_the_cap_are_431(served_engine: Engine, path: str) -> None:
+    # GIVEN a server whose MAX_HEADER_BYTES is 2048
+    settings = make_settings(model_path=served_engine.settings.model_path, max_header_bytes=HEADER_LIMIT)
+    client = TestClient(create_app(settings, served_engine))
+    padding = HEADER_LIMIT - header_bytes(client, "GET", path, {"X-Pad": ""})
+
+    # WHEN a request's headers total exactly the cap, and one byte more
+    at_cap = client.get(path, headers={"X-Pad": "p" * padding})
+    over = client.get(path, headers={"X-Pad": "p" * (padding + 1)})
+
+    # THEN the first is served and the second refused with the limit named, in the route family's shape
+    assert header_bytes(client, "GET", path, {"X-Pad": "p" * padding}) == HEADER_LIMIT
+    assert at_cap.status_code == 200, at_cap.text
+    assert over.status_code == 431
+    error = over.json()["error"]
+    assert error["code"] == "headers_too_large"
+    assert str(HEADER_LIMIT) in error["message"]
+    if path.startswith("/v1/"):
+        assert error["param"] == "headers"
+    else:
+        assert error["details"] == [
+            {"field": "headers", "message": "request headers too large", "limit": 2048}
+        ]
+
+
+def test_many_small_headers_count_together(served_engine: Engine) -> None:
+    settings = make_settings(model_path=served_engine.settings.model_path, max_header_bytes=HEADER_LIMIT)
+    client = TestClient(create_app(settings, served_engine))
+
+    response = client.get("/health", headers={f"X-Pad-{i}": "p" * 100 for i in range(30)})
+
+    assert response.status_code == 431

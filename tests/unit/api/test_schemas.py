@@ -6,8 +6,14 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 
-from function.api.openai_schemas import ChatCompletionRequest, CompletionRequest
+from function.api.openai_schemas import (
+    MAX_MESSAGES_HARD_CAP,
+    MAX_MODEL_NAME_CHARS,
+    ChatCompletionRequest,
+    CompletionRequest,
+)
 from function.api.schemas import ChatRequest, GenerateRequest
 from tests.support.cases import CASE_IDS, CASES
 from tests.support.settings import TEST_MAX_NEW_TOKENS
@@ -125,3 +131,81 @@ def test_every_published_example_is_answered(client: TestClient) -> None:
             sent.add(name)
 
     assert sent == {model.__name__ for model in REQUEST_MODELS}
+
+
+LONE_SURROGATE_BODIES = [  # raw bytes: the JSON escape "\ud800" without its pair
+    ("/generate", b'{"prompt": "a\\ud800b", "max_new_tokens": 1}', "prompt"),
+    ("/generate", b'{"prompt": "a", "stop": ["\\udfff"], "max_new_tokens": 1}', "stop.0"),
+    ("/chat", b'{"instruction": "a\\ud800b", "max_new_tokens": 1}', "instruction"),
+    ("/chat", b'{"instruction": "a", "input": "\\udc00", "max_new_tokens": 1}', "input"),
+    ("/v1/completions", b'{"prompt": "a\\ud800b", "max_tokens": 1}', "prompt"),
+    ("/v1/completions", b'{"prompt": "a", "stop": "\\ud800", "max_tokens": 1}', "stop"),
+    ("/v1/completions", b'{"prompt": "a", "model": "m\\ud800", "max_tokens": 1}', "model"),
+    (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "a\\ud800b"}], "max_tokens": 1}',
+        "messages.0.content",
+    ),
+]
+
+
+@pytest.mark.parametrize(("route", "raw", "field"), LONE_SURROGATE_BODIES)
+def test_a_lone_surrogate_is_a_422_naming_the_field(
+    client: TestClient, route: str, raw: bytes, field: str
+) -> None:
+    # WHEN a text field carries half of a UTF-16 pair (no tokenizer takes it)
+    response = client.post(route, content=raw, headers={"Content-Type": "application/json"})
+
+    # THEN 422 names the field and says why, in the route family's shape
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    name = error["param"] if route.startswith("/v1/") else error["details"][0]["field"]
+    assert name == field
+    assert "lone surrogate" in error["message"]
+
+
+def test_a_surrogate_pair_is_one_character_and_accepted() -> None:
+    # "\ud83d\ude00" is one emoji: JSON decoding joins the pair, nothing is left alone
+    request = ChatCompletionRequest.model_validate_json(
+        b'{"messages": [{"role": "user", "content": "\\ud83d\\ude00"}], "model": "\\ud83d\\ude00"}'
+    )
+    assert request.messages[0].content == "\U0001f600" == request.model
+
+
+def test_messages_and_model_names_have_static_caps(client: TestClient) -> None:
+    # GIVEN the schema's ceilings: 4096 messages, 256 characters of model name
+    message = {"role": "user", "content": "hi"}
+    assert MAX_MESSAGES_HARD_CAP == 4096 and MAX_MODEL_NAME_CHARS == 256
+
+    # THEN at each bound a request is valid
+    at_cap = ChatCompletionRequest.model_validate(
+        {"messages": [message] * MAX_MESSAGES_HARD_CAP, "model": "m" * MAX_MODEL_NAME_CHARS}
+    )
+    assert len(at_cap.messages) == MAX_MESSAGES_HARD_CAP
+
+    # and past it the route refuses it with the field and the limit
+    too_many = client.post("/v1/chat/completions", json={"messages": [message] * (MAX_MESSAGES_HARD_CAP + 1)})
+    too_long = client.post(
+        "/v1/completions", json={"prompt": "a", "model": "m" * (MAX_MODEL_NAME_CHARS + 1), "max_tokens": 1}
+    )
+    for response, field, limit in ((too_many, "messages", 4096), (too_long, "model", 256)):
+        assert response.status_code == 422, response.text
+        assert response.json()["error"]["param"] == field
+        assert str(limit) in response.json()["error"]["message"]
+
+
+def test_openapi_states_max_messages(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["ChatCompletionRequest"]
+
+    assert schema["properties"]["messages"]["maxItems"] == client.app.state.settings.max_messages  # type: ignore[attr-defined]
+
+
+def test_stream_options_is_openais_shape() -> None:
+    request = CompletionRequest.model_validate(
+        {"prompt": "a", "stream": True, "stream_options": {"include_usage": True}}
+    )
+
+    assert request.stream_options is not None and request.stream_options.include_usage is True
+    assert CompletionRequest.model_validate({"prompt": "a"}).stream_options is None
+    with pytest.raises(ValidationError):
+        CompletionRequest.model_validate({"prompt": "a", "stream_options": {"include_usage": "yes"}})

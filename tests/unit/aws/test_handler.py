@@ -284,3 +284,16 @@ def test_malformed_direct_payloads_get_a_400_naming_the_field(
 
     assert response["statusCode"] == 400
     assert response["body"]["error"]["details"][0]["field"] == field
+
+
+def test_a_direct_payload_with_a_json_string_body_and_no_headers_is_json(handler: LambdaHandler) -> None:
+    # GIVEN the body as a JSON string, as `aws lambda invoke` users often write it, and no headers
+    event = {
+        "path": "/generate",
+        "method": "POST",
+        "body": json.dumps({"prompt": "Python", "max_new_tokens": 2}),
+    }
+
+    response = handler(event, LambdaContext())
+
+    assert response["statusCode"] == 200, response["body"]

@@ -15,7 +15,9 @@ import pytest
 from function.engine.batching import BatcherClosedError, MicroBatcher, batch_key, exact_batching
 from function.engine.engine import Engine
 from function.engine.logits import PaddingAwareRepetitionPenalty
-from function.engine.types import Completion, SamplingParams
+from function.engine.types import Cancellation, Completion, SamplingParams
+from function.errors import ClientClosedRequestError
+from tests.support.cancellation import CancelAfter
 from tests.support.settings import make_settings
 
 T = TypeVar("T")
@@ -294,7 +296,7 @@ def test_the_repetition_penalty_ignores_left_padding() -> None:
 def test_a_failed_batch_is_retried_one_request_at_a_time() -> None:
     calls: list[list[str]] = []
 
-    def runner(_: Any, items: list[tuple[Any, Any]]) -> list[str]:
+    def runner(_: Any, items: list[tuple[Any, Any]], *__: Any) -> list[str]:
         names = [encoded for encoded, _ in items]
         calls.append(names)
         if len(items) > 1:
@@ -322,7 +324,7 @@ def test_a_failed_batch_is_retried_one_request_at_a_time() -> None:
 def test_each_arrival_keeps_the_batch_open_one_more_window() -> None:
     sizes: list[int] = []
 
-    def runner(_: Any, items: list[tuple[Any, Any]]) -> list[str]:
+    def runner(_: Any, items: list[tuple[Any, Any]], *__: Any) -> list[str]:
         sizes.append(len(items))
         return [str(encoded) for encoded, _ in items]
 
@@ -342,7 +344,7 @@ def test_each_arrival_keeps_the_batch_open_one_more_window() -> None:
 
 
 def test_a_broken_runner_fails_its_requests_and_the_worker_lives_on() -> None:
-    def runner(_: Any, items: list[tuple[Any, Any]]) -> list[str]:
+    def runner(_: Any, items: list[tuple[Any, Any]], *__: Any) -> list[str]:
         if items[0][0] == "short":
             return []  # one result too few: a bug, not a hang
         return [str(encoded) for encoded, _ in items]
@@ -357,6 +359,52 @@ def test_a_broken_runner_fails_its_requests_and_the_worker_lives_on() -> None:
     batcher.close()
     with pytest.raises(BatcherClosedError):
         batcher.submit(object(), "late", greedy, key=None)  # type: ignore[arg-type]
+
+
+def test_a_cancelled_request_stops_its_row_and_the_batch_goes_on(unbatched: Engine, batched: Engine) -> None:
+    # GIVEN two greedy requests that each run past a few tokens alone
+    params = SamplingParams(max_new_tokens=24, temperature=0, repetition_penalty=1.0)
+    assert unbatched.generate(PROMPTS[0], params).completion_tokens > 4
+    expected = unbatched.generate(PROMPTS[2], params)
+    cancel = CancelAfter(5)  # looked at three times before the batch generates, then once per token
+
+    def cancelled() -> str:
+        with pytest.raises(ClientClosedRequestError):
+            batched.generate(PROMPTS[0], params, cancel)
+        return "closed"
+
+    # WHEN they share a batch and the first is cancelled after its second token
+    closed, survivor = concurrently([cancelled, lambda: batched.generate(PROMPTS[2], params)])
+
+    # THEN the cancelled row stopped at once, and the other finished with its full answer alone
+    assert closed == "closed" and cancel.looks_left == -2
+    assert isinstance(survivor, Completion) and survivor.batch_size == 2
+    same_answer(survivor, expected)
+
+
+def test_a_request_cancelled_before_its_batch_runs_is_left_out() -> None:
+    seen: list[list[str]] = []
+
+    def runner(_: Any, items: list[tuple[Any, Any]], *__: Any) -> list[str]:
+        seen.append([encoded for encoded, _ in items])
+        return [f"done {encoded}" for encoded, _ in items]
+
+    batcher: MicroBatcher[str] = MicroBatcher(runner, max_size=2, window_s=1.0)
+    greedy = SamplingParams(temperature=0)
+    gone = Cancellation()
+    gone.cancel()  # its client hung up while it waited for the batch
+
+    def submit(name: str, cancel: Cancellation | None = None) -> str:
+        try:
+            return batcher.submit(object(), name, greedy, key="same", cancel=cancel)  # type: ignore[arg-type]
+        except ClientClosedRequestError:
+            return "closed"
+
+    results = concurrently([lambda: submit("kept"), lambda: submit("gone", gone)])
+    batcher.close()
+
+    assert results == ["done kept", "closed"]
+    assert seen == [["kept"]]  # the runner never saw it
 
 
 @pytest.fixture(scope="module")

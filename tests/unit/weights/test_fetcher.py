@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +23,7 @@ from function.errors import ModelLoadError
 from function.weights.fetcher import COMPLETE_MARKER, ModelFetcher
 from function.weights.integrity import MANIFEST_NAME
 from function.weights.s3 import parse_s3_uri, s3_client
+from tests.support.fetchers import FillingDisk, FixedFreeSpace
 from tests.support.ports import free_port
 from tests.support.s3 import RequestCounter, files_of, inject_errors, upload_model
 
@@ -190,7 +193,9 @@ def test_too_small_cache_fails_before_downloading(s3: Any, demo_model_dir: Path,
     cache.mkdir()
     free = shutil.disk_usage(cache).free
 
-    with pytest.raises(ModelLoadError, match="not enough space"):
+    with pytest.raises(
+        ModelLoadError, match=r"no space left in the model cache directory \(MODEL_CACHE_DIR\)"
+    ):
         ModelFetcher(cache, s3, reserve_bytes=free).fetch(f"s3://{BUCKET}/m/")
 
     assert counter.calls["GetObject"] == 0
@@ -346,3 +351,72 @@ def test_concurrent_fetches_into_one_cache_keep_each_others_work(
         assert (result.local_dir / ".complete").is_file()
         assert files_of(source).items() <= files_of(result.local_dir).items()
     assert sum(not result.from_cache for result in results) == 2  # the second of each waited, then reused
+
+
+def listed_sizes(client: Any, prefix: str) -> list[int]:
+    return [item["Size"] for item in client.list_objects_v2(Bucket=BUCKET, Prefix=prefix)["Contents"]]
+
+
+def test_a_disk_that_fills_up_mid_download_says_so(s3: Any, demo_model_dir: Path, tmp_path: Path) -> None:
+    # GIVEN a cache whose disk fills up after 256 KiB, though it looked big enough when the fetch began
+    upload_model(s3, BUCKET, "m/", demo_model_dir)
+    asked: list[tuple[str, str]] = []
+    s3.meta.events.register(
+        "before-parameter-build.s3.GetObject",
+        lambda params, **_: asked.append((params["Key"], params.get("Range", ""))),
+    )
+    fetcher = FillingDisk(tmp_path / "cache", s3, part_size=64 * 1024, capacity=256 * 1024)
+
+    # WHEN the model is fetched
+    with pytest.raises(ModelLoadError) as error:
+        fetcher.fetch(f"s3://{BUCKET}/m/")
+
+    # THEN the reason is the full disk and what the model needs (not an unreachable S3)
+    sizes = listed_sizes(s3, "m/")
+    assert error.value.message == (
+        "no space left in the model cache directory (MODEL_CACHE_DIR): it needs "
+        f"{math.ceil(sum(sizes) / 1e6)} MB; raise the function's ephemeral storage"
+    )
+    # AND a write refused for space is not retried: no range is asked for twice
+    assert fetcher.writes_refused > 0
+    assert len(asked) == len(set(asked))
+    assert leftovers(tmp_path / "cache") == []
+
+
+def test_concurrent_fetches_reserve_the_space_they_will_write(
+    s3: Any, demo_model_dir: Path, tmp_path: Path
+) -> None:
+    # GIVEN two models, and a disk with room for one of them (its free space doesn't drop while the
+    # first download's sparse files wait to be filled)
+    upload_model(s3, BUCKET, "a/", demo_model_dir)
+    upload_model(s3, BUCKET, "b/", demo_model_dir)
+    free = sum(listed_sizes(s3, "a/")) * 3 // 2
+    cache = tmp_path / "cache"
+    started, release = threading.Event(), threading.Event()
+
+    def hold_model_a(params: dict[str, Any], **_: Any) -> None:
+        if params["Key"].startswith("a/"):
+            started.set()
+            release.wait(timeout=30)
+
+    s3.meta.events.register("before-parameter-build.s3.GetObject", hold_model_a)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # WHEN the second fetch starts while the first has its space reserved but not yet written
+        first = pool.submit(FixedFreeSpace(cache, s3, free=free).fetch, f"s3://{BUCKET}/a/")
+        assert started.wait(timeout=30)
+        try:
+            # THEN the second is refused, naming the space the first still needs
+            with pytest.raises(ModelLoadError) as error:
+                FixedFreeSpace(cache, s3, free=free).fetch(f"s3://{BUCKET}/b/")
+        finally:
+            release.set()
+        # AND the first completes
+        result = first.result(timeout=60)
+    assert error.value.message.startswith("no space left in the model cache directory (MODEL_CACHE_DIR)")
+    assert "that downloads in progress have yet to write" in error.value.message
+    assert (result.local_dir / COMPLETE_MARKER).is_file()
+
+    # AND once the first is done its reservation is gone: the second fits now
+    assert not FixedFreeSpace(cache, s3, free=free).fetch(f"s3://{BUCKET}/b/").from_cache
