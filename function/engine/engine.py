@@ -15,17 +15,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 from function.config import Settings
+from function.engine.admission import Admission, AdmissionControl
 from function.engine.batching import MicroBatcher, batch_key, fit_context
 from function.engine.deadline import within_deadline
 from function.engine.limits import encode_prompt, validate_limits, validate_messages, validate_stop_tokens
 from function.engine.prompts import build_chat_prompt, build_messages_prompt
 from function.engine.response_cache import ResponseCache
-from function.engine.streaming import StopHoldBack, TextStream
+from function.engine.startup import StartupLoading
+from function.engine.streamed import generate_streamed
+from function.engine.streaming import TextStream
 from function.engine.telemetry import ColdStartTelemetry
 from function.engine.types import (
     Cancellation,
@@ -35,20 +38,17 @@ from function.engine.types import (
     Quantization,
     RowResult,
     SamplingParams,
-    StreamEnd,
 )
 from function.errors import (
     ClientClosedRequestError,
     ForbiddenError,
     InvalidRequestError,
-    ModelLoadError,
     ModelLoadInProgressError,
     ModelNotLoadedError,
-    OverloadedError,
     UnknownAdapterError,
 )
 from function.weights.allowlist import check_model_path, default_allowed_paths
-from function.weights.loading import LoadedModel, load_model, pick_device, quantization_from_flags
+from function.weights.loading import LoadedModel, load_model, pick_device
 
 logger = logging.getLogger(__name__)
 
@@ -60,28 +60,7 @@ def client_closed() -> ClientClosedRequestError:
     return ClientClosedRequestError("the client closed the request before its answer was ready")
 
 
-class Admission:
-    """One generation request's place among those admitted at once (`Engine.admit`). `release`, or the
-    end of its `with` block, gives it back; a second release does nothing."""
-
-    def __init__(self, release: Callable[[], None] | None) -> None:
-        self._release = release
-        self._lock = threading.Lock()
-
-    def release(self) -> None:
-        with self._lock:
-            release, self._release = self._release, None
-        if release is not None:
-            release()
-
-    def __enter__(self) -> Admission:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.release()
-
-
-class Engine:
+class Engine(StartupLoading):
     """Holds the served model; `load` swaps it atomically, the request paths use a snapshot of it."""
 
     def __init__(
@@ -97,8 +76,7 @@ class Engine:
         self._startup_error: str | None = None
         self._last_startup_attempt: float | None = None
         self._retry_lock = threading.Lock()  # held while a background retry of the start-up load runs
-        self._admission_lock = threading.Lock()
-        self._admitted = 0
+        self.admission = AdmissionControl(settings)
         self.telemetry = ColdStartTelemetry(startup_phases)
         self.cache = ResponseCache(settings.response_cache_size)
         # Server mode: groups concurrent requests into one `generate` call. None on Lambda (one request
@@ -140,87 +118,17 @@ class Engine:
         """The start-up phases of this process, or None when no start-up model was loaded."""
         return self.telemetry.phases()
 
-    def _not_loaded_reason(self) -> str:
-        if self._startup_error is not None:
-            return f"the start-up model failed to load: {self._startup_error}"
-        if self.settings.model_path is None:
-            return "no model configured: set MODEL_PATH or call /load_model"
-        return "the model has not been loaded yet"
-
-    # Loading.
-
-    def load_startup_model(self) -> None:
-        """Load MODEL_PATH if set; a failure is recorded for /health, never raised."""
-        if self.settings.model_path is None or self._current is not None:
-            return
-        self._last_startup_attempt = time.monotonic()
-        quantization = quantization_from_flags(self.settings.load_in_8bit, self.settings.load_in_4bit)
-        try:
-            loaded, _ = self.load(
-                self.settings.model_path,
-                quantization,
-                base_model_path=self.settings.base_model_path,
-                adapters=self.settings.adapters,
-            )
-            self.telemetry.record_load(loaded)
-        except ModelLoadInProgressError:
-            return
-        except ModelLoadError as exc:
-            self._startup_error = exc.message
-            logger.error("start-up model load failed: %s", exc.message)
-
-    def _retry_due(self) -> bool:
-        if self._current is not None or self.settings.model_path is None or self.loading:
-            return False
-        last = self._last_startup_attempt
-        return last is None or time.monotonic() - last >= self.settings.load_retry_interval_s
-
-    def ensure_loaded(self) -> None:
-        """Retry a failed start-up load, at most once per `load_retry_interval_s` (here, waiting for it)."""
-        if self._retry_due():
-            self.load_startup_model()
-
-    def ensure_loaded_in_background(self) -> None:
-        """`ensure_loaded` in a thread of its own, without waiting for it: for /health, which answers at once
-        from `status()` ("loading" while the retry runs)."""
-        if not self._retry_due() or not self._retry_lock.acquire(blocking=False):
-            return
-
-        def retry() -> None:
-            try:
-                self.load_startup_model()
-            finally:
-                self._retry_lock.release()
-
-        threading.Thread(target=retry, name="start-up-load-retry", daemon=True).start()
-
     # Admission.
 
     @property
     def admitted(self) -> int:
         """Generation requests admitted now: running, or waiting for their turn."""
-        return self._admitted
+        return self.admission.admitted
 
     def admit(self) -> Admission:
         """A place for one generation request, for as long as it runs or waits (streamed: to its last
-        chunk). Server mode: at most `settings.queue_limit` at once; past it, OverloadedError (503 with
-        Retry-After) at once. On Lambda every request is admitted: one runs per execution environment."""
-        if self.settings.on_lambda:
-            return Admission(None)
-        limit = self.settings.queue_limit
-        with self._admission_lock:
-            if self._admitted >= limit:
-                raise OverloadedError(
-                    f"the server is busy: {limit} generation requests are running or waiting, its limit; "
-                    "retry in a second",
-                    limit=limit,
-                )
-            self._admitted += 1
-        return Admission(self._leave)
-
-    def _leave(self) -> None:
-        with self._admission_lock:
-            self._admitted -= 1
+        chunk); see `function.engine.admission`."""
+        return self.admission.admit()
 
     def load(
         self,
@@ -360,68 +268,16 @@ class Engine:
         encoded, prompt_tokens = encode_prompt(
             loaded, text, params, self.settings, add_special_tokens=special
         )
-        events = self._stream(loaded, encoded, prompt_tokens, within_deadline(params), Cancellation(cancel))
+        events = generate_streamed(
+            loaded,
+            encoded,
+            prompt_tokens,
+            within_deadline(params),
+            Cancellation(cancel),
+            generate_lock=self._generate_lock,
+            compiled=self.compiled,
+        )
         return TextStream(events, loaded.name)
-
-    def _stream(
-        self,
-        loaded: LoadedModel,
-        encoded: Any,
-        prompt_tokens: int,
-        params: SamplingParams,
-        cancel: Cancellation,
-    ) -> Generator[str | StreamEnd, None, None]:
-        from transformers import TextIteratorStreamer
-
-        from function.engine.generation import run_generation
-
-        streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        outcome: dict[str, Any] = {}
-
-        def work() -> None:
-            try:
-                with self._generate_lock:
-                    if cancel.cancelled:  # given up while it waited for its turn: never starts
-                        streamer.end()
-                        return
-                    started = time.perf_counter()
-                    outcome["result"] = run_generation(
-                        loaded, encoded, params, streamer=streamer, compiled=self.compiled, cancel=cancel
-                    )
-                    outcome["seconds"] = time.perf_counter() - started
-            except BaseException as exc:  # surfaced to the reader below
-                outcome["error"] = exc
-                streamer.end()
-
-        worker = threading.Thread(target=work, name="generate-stream", daemon=True)
-        worker.start()
-        finished = False
-        try:
-            hold_back = StopHoldBack(params.stop)
-            for delta in streamer:
-                if cancel.cancelled:
-                    break
-                if safe := hold_back.feed(delta):
-                    yield safe
-            worker.join()
-            if cancel.cancelled:
-                return
-            if "error" in outcome:
-                raise outcome["error"]
-            row = outcome["result"]
-            if rest := hold_back.finish(row.continuations[0]):
-                yield rest
-            finished = True
-            yield StreamEnd(
-                row.finish_reasons[0],
-                prompt_tokens,
-                row.completion_tokens,
-                loaded.name,
-                round(outcome["seconds"], 4),
-            )
-        finally:
-            if not finished:  # closed early (the reader is gone), or failed: stop generating
-                cancel.cancel()
 
     def _complete(
         self,
