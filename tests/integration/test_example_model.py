@@ -13,7 +13,7 @@ import requests
 
 from tests.support.example_model import example_model_dir
 from tests.support.ports import free_port
-from tests.support.servers import REPO, serve_command, start, stop, wait_healthy
+from tests.support.servers import REPO, served, start, stop, wait_healthy
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 QUESTION = "What is the capital of France?"
@@ -26,14 +26,8 @@ def model_dir() -> Path:
 
 @pytest.fixture(scope="module")
 def server(model_dir: Path) -> Iterator[str]:
-    port = free_port()
-    process = start(serve_command(model_dir, port))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, process)
+    with served(model_dir) as url:
         yield url
-    finally:
-        stop(process)
 
 
 def test_the_conversion_writes_a_plain_bfloat16_model_with_its_chat_template(model_dir: Path) -> None:

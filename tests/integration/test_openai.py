@@ -9,8 +9,7 @@ import openai
 import pytest
 import requests
 
-from tests.support.ports import free_port
-from tests.support.servers import serve_command, start, stop, wait_healthy
+from tests.support.servers import served
 
 pytestmark = pytest.mark.server
 KEY = "openai-compat-key-0123"
@@ -18,14 +17,8 @@ KEY = "openai-compat-key-0123"
 
 @pytest.fixture(scope="module")
 def server(chat_model_dir: Path) -> Iterator[str]:
-    port = free_port()
-    process = start(serve_command(chat_model_dir, port), env={"API_KEYS": KEY, "RATE_LIMIT": ""})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, process)
+    with served(chat_model_dir, env={"API_KEYS": KEY, "RATE_LIMIT": ""}) as url:
         yield url
-    finally:
-        stop(process)
 
 
 @pytest.fixture(scope="module")

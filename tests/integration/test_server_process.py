@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from tests.support.ports import free_port
-from tests.support.servers import REPO, serve_command, start, stop, wait_healthy
+from tests.support.servers import REPO, serve_command, served, start, stop, wait_healthy
 
 README = REPO / "README.md"
 pytestmark = pytest.mark.server
@@ -25,14 +25,8 @@ pytestmark = pytest.mark.server
 @pytest.fixture(scope="module")
 def cli_server(demo_model_dir: Path) -> Iterator[str]:
     """`python -m function serve --model_path DIR --host … --port …`, as the README's Serving table says."""
-    port = free_port()
-    process = start(serve_command(demo_model_dir, port))
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(base_url, process)
+    with served(demo_model_dir) as base_url:
         yield base_url
-    finally:
-        stop(process)
 
 
 def readme_block(marker: str) -> str:

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -68,3 +70,18 @@ def serve_command(model_dir: Path, port: int, *flags: str) -> list[str]:
         str(port),
         *flags,
     ]
+
+
+@contextmanager
+def served(model_dir: Path, *flags: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """A `python -m function serve` process on a free port, healthy; its base URL. Stopped after."""
+    from tests.support.ports import free_port
+
+    port = free_port()
+    process = start(serve_command(model_dir, port, *flags), env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, process)
+        yield url
+    finally:
+        stop(process)
