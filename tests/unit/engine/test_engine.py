@@ -1,10 +1,9 @@
-"""The engine on real demo models: generation, prompts, loads and swaps, admission and cancellation."""
+"""The engine on real demo models: generation, prompts, loads and swaps, the process-wide engine."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -13,18 +12,14 @@ import pytest
 
 from function.engine.engine import Engine, get_engine, reset_engine
 from function.engine.prompts import build_chat_prompt
-from function.engine.types import Cancellation, SamplingParams, StreamEnd
+from function.engine.types import SamplingParams, StreamEnd
 from function.errors import (
-    ClientClosedRequestError,
     ContextLengthExceededError,
     ModelLoadError,
     ModelLoadInProgressError,
-    OverloadedError,
 )
-from tests.support.cancellation import CancelAfter
 from tests.support.models import write_pickle_only_model
 from tests.support.settings import make_settings
-from tests.support.waiting import wait_until
 
 GREEDY = SamplingParams(max_new_tokens=16, temperature=0, repetition_penalty=1.0)
 
@@ -348,54 +343,6 @@ def test_get_engine_refuses_other_settings_instead_of_ignoring_them() -> None:
 # Admission.
 
 
-def test_admission_is_bounded_and_every_place_comes_back_once() -> None:
-    # GIVEN room for two generation requests (no model needed to count)
-    engine = Engine(make_settings(max_queued_requests=2))
-    first, second = engine.admit(), engine.admit()
-
-    # WHEN a third arrives
-    with pytest.raises(OverloadedError) as caught:
-        engine.admit()
-
-    # THEN it is refused at once: 503, Retry-After 1, the limit named
-    assert (caught.value.status, caught.value.code, caught.value.limit) == (503, "overloaded", 2)
-    assert caught.value.headers() == {"Retry-After": "1"}
-    # AND places come back when released (a second release gives nothing back twice)
-    first.release()
-    first.release()
-    assert engine.admitted == 1
-    with engine.admit():
-        assert engine.admitted == 2
-    second.release()
-    assert engine.admitted == 0
-
-
-def test_on_lambda_every_request_is_admitted() -> None:
-    engine = Engine(make_settings(max_queued_requests=1, aws_lambda_function_name="llm-function"))
-
-    places = [engine.admit() for _ in range(5)]  # one request per execution environment: nothing to shed
-
-    assert len(places) == 5
-
-
-def test_a_due_start_up_retry_runs_in_the_background(tmp_path: Path, demo_model_dir: Path) -> None:
-    # GIVEN a failed start-up load whose model directory appears later
-    target = tmp_path / "late_model"
-    engine = Engine(make_settings(model_path=str(target), load_retry_interval_s=0))
-    engine.load_startup_model()
-    assert engine.status().state == "unhealthy"
-    target.symlink_to(demo_model_dir, target_is_directory=True)
-
-    # WHEN /health's retry is started: it returns without waiting for the load
-    engine.ensure_loaded_in_background()
-
-    # THEN the engine says "loading" until the model is in, then "healthy"
-    assert engine.status().state in ("loading", "healthy")
-    assert wait_until(lambda: engine.status().state == "healthy", 60)
-
-
-# Stop strings on the decoded text.
-
 SAMPLED = SamplingParams(max_new_tokens=24, temperature=1.0, top_k=0, top_p=1.0, seed=0)
 INVALID_UTF8_PROMPT = "Python이란 무엇인가요?"  # with SAMPLED, the random model writes invalid UTF-8 early
 
@@ -426,74 +373,3 @@ def test_a_replacement_character_stop_string_ends_generation_where_it_appears(se
 
 # Greedy from "Python", the slow model's text falls into a loop and never writes its end token: 2000 tokens
 # run their whole length unless stopped (a sampled text could end early by chance).
-LONG = SamplingParams(max_new_tokens=2000, temperature=0, repetition_penalty=1.0)
-
-
-@pytest.fixture(scope="module")
-def slow_engine(slow_model_dir: Path) -> Iterator[Engine]:
-    """A model slow enough that 2000 tokens take minutes: a generation that was not stopped shows."""
-    engine = Engine(make_settings(model_path=str(slow_model_dir), max_new_tokens=2000))
-    engine.load_startup_model()
-    yield engine
-    assert wait_until(lambda: not engine.generating, 30)  # nothing left running for the next module
-
-
-def test_a_request_cancelled_during_its_generation_stops_within_a_token(served_engine: Engine) -> None:
-    # GIVEN a request that runs all 24 tokens when nobody cancels it
-    assert served_engine.generate("Python", SAMPLED).completion_tokens == 24
-    cancel = CancelAfter(4)  # looked at three times before generating (request, batch, lock), then per token
-
-    # WHEN it is cancelled after its first token
-    with pytest.raises(ClientClosedRequestError) as caught:
-        served_engine.generate("Python", SAMPLED, cancel)
-
-    # THEN it stopped at that look (and one more, the engine's last check) and said so: 499, nobody to answer
-    assert cancel.looks_left == -2
-    assert caught.value.status == 499
-
-
-def test_a_cancellation_from_another_thread_stops_a_long_generation(slow_engine: Engine) -> None:
-    cancel = Cancellation()
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        running = pool.submit(slow_engine.generate, "Python", LONG, cancel)
-        assert wait_until(lambda: slow_engine.generating, 30)
-
-        cancel.cancel()  # what the route does when the client hangs up
-
-        with pytest.raises(ClientClosedRequestError):
-            running.result(timeout=20)  # 2000 tokens would take minutes
-    assert not slow_engine.generating
-
-
-def test_a_request_cancelled_before_its_turn_never_generates(served_engine: Engine) -> None:
-    cancel = Cancellation()
-    cancel.cancel()
-
-    with pytest.raises(ClientClosedRequestError):
-        served_engine.generate("Python", SAMPLED, cancel)
-    assert list(served_engine.stream("Python", SAMPLED, cancel)) == []  # a stream just ends
-
-
-def test_closing_a_stream_stops_its_generation(slow_engine: Engine) -> None:
-    # GIVEN a stream that has started generating 2000 tokens
-    stream = slow_engine.stream("Python", LONG)
-    assert isinstance(next(stream), str)
-    assert slow_engine.generating
-
-    # WHEN its reader gives it up
-    stream.close()
-
-    # THEN its generation stops (at the next token), and the engine is free
-    assert wait_until(lambda: not slow_engine.generating, 20)
-
-
-def test_a_cancelled_stream_ends_without_a_stream_end(slow_engine: Engine) -> None:
-    cancel = Cancellation()
-    stream = slow_engine.stream("Python", LONG, cancel)
-    assert isinstance(next(stream), str)
-
-    cancel.cancel()
-    rest = list(stream)  # ends at the next token, not after 2000
-
-    assert not any(isinstance(item, StreamEnd) for item in rest)
-    assert not slow_engine.generating
