@@ -196,6 +196,20 @@ def test_samconfig_and_template_agree() -> None:
     assert overrides(config["default"])["Stage"] == "dev" and overrides(config["prod"])["Stage"] == "prod"
 
 
+def test_each_samconfig_environment_names_the_bootstrap_image_repository() -> None:
+    # `sam deploy --config-env ENV` is one command: no --image-repository needed on the command line
+    config = tomllib.loads((REPO / "samconfig.toml").read_text(encoding="utf-8"))
+    bootstrap = load_template(REPO / "infra" / "bootstrap.yaml")
+    repository = bootstrap["Resources"]["ImageRepository"]["Properties"]["RepositoryName"]
+
+    for name in ("default", "prod"):
+        deploy = config[name]["deploy"]["parameters"]
+        uri = deploy["image_repository"]
+        assert re.fullmatch(rf"\d{{12}}\.dkr\.ecr\.{deploy['region']}\.amazonaws\.com/{repository}", uri), (
+            name
+        )
+
+
 def test_outputs_give_the_url_and_the_function_arn() -> None:
     outputs = TEMPLATE["Outputs"]
 
