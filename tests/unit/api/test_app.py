@@ -6,6 +6,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 
 from function.api.factory import create_app
@@ -258,3 +259,13 @@ def test_unknown_route_and_method_use_the_error_shape(client: TestClient) -> Non
 
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
     assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "method_not_allowed"
+
+
+@pytest.mark.parametrize("name", ["model_path", "base_model_path"])
+def test_load_model_paths_are_bounded(client: TestClient, name: str) -> None:
+    params = {"model_path": "models/x", name: "a" * 4097}
+
+    response = client.post("/load_model", params=params)
+
+    detail = response.json()["error"]["details"][0]
+    assert response.status_code == 422 and detail["field"] == name and detail["limit"] == 4096
