@@ -155,7 +155,7 @@ class Settings(BaseSettings):
         default=None,
         ge=1,
         description="Server mode: generation requests admitted at once (running or waiting); past it, 503 "
-        "with Retry-After at once. Default: 4 × BATCH_MAX_SIZE.",
+        "with Retry-After at once. Default: 4 × BATCH_MAX_SIZE, at least 32.",
     )
     max_model_parameters: int = Field(
         default=100_000_000_000,
@@ -217,8 +217,9 @@ class Settings(BaseSettings):
 
     @property
     def queue_limit(self) -> int:
-        """MAX_QUEUED_REQUESTS, or four batches' worth of requests."""
-        return self.max_queued_requests or 4 * self.batch_max_size
+        """MAX_QUEUED_REQUESTS, or four batches' worth of requests and at least 32 (with micro-batching
+        off, BATCH_MAX_SIZE=1, four requests would shed a handful of ordinary clients)."""
+        return self.max_queued_requests or max(32, 4 * self.batch_max_size)
 
     @property
     def auth_enabled(self) -> bool:

@@ -77,3 +77,11 @@ def test_batching_settings_from_the_environment_and_their_bounds(monkeypatch: py
     monkeypatch.setenv("BATCH_MAX_SIZE", "0")
     with pytest.raises(ValidationError, match="batch_max_size"):
         Settings(_env_file=None)  # type: ignore[call-arg]
+
+
+def test_the_admission_limit_defaults_to_four_batches_and_at_least_32() -> None:
+    assert Settings(_env_file=None, batch_max_size=8).queue_limit == 32  # type: ignore[call-arg]
+    assert Settings(_env_file=None, batch_max_size=16).queue_limit == 64  # type: ignore[call-arg]
+    # micro-batching off must not shed ordinary concurrency: 4 x 1 would refuse a fifth client
+    assert Settings(_env_file=None, batch_max_size=1).queue_limit == 32  # type: ignore[call-arg]
+    assert Settings(_env_file=None, batch_max_size=1, max_queued_requests=2).queue_limit == 2  # type: ignore[call-arg]
