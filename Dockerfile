@@ -1,5 +1,7 @@
 # llm-function: one image, two modes.
-#   AWS Lambda (the default CMD): function.handler.handler, weights fetched from MODEL_PATH=s3://… into /tmp.
+#   AWS Lambda (the default CMD): function.handler.handler, weights fetched from MODEL_PATH=s3://… into /tmp
+#   or memory. SnapStart (template.yaml's SnapStart parameter) needs an AWS Python 3.12+ base image: its
+#   runtime client takes the snapshot and runs the snapshot_restore_py hooks (a dependency in pyproject.toml).
 #   HTTP server on a GPU host (build with --build-arg TORCH_VARIANT=cu128):
 #     docker run --gpus all -p 8000:8000 -e MODEL_PATH=s3://bucket/prefix/ --entrypoint python IMAGE \
 #       -m function serve --host 0.0.0.0 --port 8000
