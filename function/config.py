@@ -67,6 +67,21 @@ class Settings(BaseSettings):
         default=Path(tempfile.gettempdir()) / "llm-function" / "models",
         description="Where s3:// models are cached (on Lambda: under /tmp, sized by ephemeral storage).",
     )
+    weights_in_memory: Literal["auto", "true", "false"] = Field(
+        default="auto",
+        description="s3:// weights straight into memory, never written to disk (true), or through the "
+        "model_cache_dir cache (false). auto: memory under Lambda SnapStart (its /tmp is at most 512 MB and "
+        "the snapshot holds the memory anyway), the disk cache elsewhere (it survives environment resets).",
+    )
+    warm_up: bool = Field(
+        default=True,
+        description="One short generation right after the start-up model loads (before a SnapStart "
+        "snapshot), so the first request does not pay for first-call work (and a TORCH_COMPILE compile).",
+    )
+    aws_lambda_initialization_type: str | None = Field(
+        default=None,
+        description="Set by Lambda: 'snap-start' while a SnapStart version's INIT runs, 'on-demand' else.",
+    )
     response_cache_size: int = Field(
         default=256,
         ge=0,
@@ -214,6 +229,16 @@ class Settings(BaseSettings):
     @property
     def on_lambda(self) -> bool:
         return bool(self.aws_lambda_function_name)
+
+    @property
+    def snap_start(self) -> bool:
+        """This INIT is a SnapStart one: it ends in a snapshot that restored environments share."""
+        return self.aws_lambda_initialization_type == "snap-start"
+
+    @property
+    def fetch_into_memory(self) -> bool:
+        """WEIGHTS_IN_MEMORY, with auto resolved (memory under SnapStart)."""
+        return self.weights_in_memory == "true" or (self.weights_in_memory == "auto" and self.snap_start)
 
     @property
     def queue_limit(self) -> int:

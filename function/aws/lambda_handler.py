@@ -34,6 +34,7 @@ from function.api.observability import NAMESPACE
 from function.aws.direct import DirectPayload, check_direct_payload, is_direct_payload
 from function.aws.events import UNKNOWN_EVENT, check_http_event
 from function.aws.limits import generation_budget, within_payload_limit
+from function.aws.snapstart import register_hooks
 from function.config import Settings
 from function.engine.deadline import deadline_in
 from function.engine.engine import Engine
@@ -149,8 +150,13 @@ def error_event(error: LLMFunctionError, *, path: str = "", http: bool = False) 
     return {"statusCode": content.status, "headers": headers, "body": content.body}
 
 
-def build_handler(settings: Settings, engine: Engine) -> LambdaHandler:
-    """The Lambda handler over `engine`: its own app, Mangum adapter, Powertools logger and metrics."""
+def build_handler(
+    settings: Settings, engine: Engine, *, refresh_settings: Callable[[], Settings] | None = None
+) -> LambdaHandler:
+    """The Lambda handler over `engine`: its own app, Mangum adapter, Powertools logger and metrics.
+
+    Under SnapStart it registers the before-snapshot and after-restore hooks (`function.aws.snapstart`);
+    `refresh_settings` gives the settings again after a restore, with the API keys read anew."""
     logger = Logger(service=SERVICE)
     metrics = Metrics(namespace=NAMESPACE, service=SERVICE)
     warnings.filterwarnings("ignore", message="No application metrics to publish")  # warm pings add none
@@ -165,6 +171,8 @@ def build_handler(settings: Settings, engine: Engine) -> LambdaHandler:
             metrics.add_metric(name="GenerationSeconds", unit=MetricUnit.Seconds, value=entry["generation_s"])
 
     app = create_app(settings, engine, request_sink=record_request)
+    if settings.snap_start:
+        register_hooks(engine, app, refresh_settings or (lambda: settings))
     adapter = EventAdapter(StageRootPath(app), lifespan="off", custom_handlers=[DirectPayload])
     cold_start_pending = True
 
@@ -177,6 +185,8 @@ def build_handler(settings: Settings, engine: Engine) -> LambdaHandler:
         cold_start_pending = False
         metrics.add_metric(name="LoadSeconds", unit=MetricUnit.Seconds, value=phases["load_s"])
         metrics.add_metric(name="FetchSeconds", unit=MetricUnit.Seconds, value=phases["fetch_s"])
+        if phases.get("restored"):
+            metrics.add_metric(name="RestoreSeconds", unit=MetricUnit.Seconds, value=phases["restore_s"])
         if phases.get("fetch_mb_per_s"):
             metrics.add_metric(
                 name="FetchMBps", unit=MetricUnit.MegabytesPerSecond, value=phases["fetch_mb_per_s"]

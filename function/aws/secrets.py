@@ -17,7 +17,11 @@ def keys_from_secret(secret_arn: str, client: Any | None = None) -> tuple[list[s
     if client is None:
         import boto3
 
-        client = boto3.client("secretsmanager")
+        own = boto3.client("secretsmanager")
+        try:  # closed after the one read: no connection stays open (and none goes into a SnapStart snapshot)
+            return keys_from_secret(secret_arn, own)
+        finally:
+            own.close()
     document = json.loads(client.get_secret_value(SecretId=secret_arn)["SecretString"])
 
     def keys(name: str) -> list[str]:

@@ -82,8 +82,8 @@ class Engine(StartupLoading):
         # Server mode: groups concurrent requests into one `generate` call. None on Lambda (one request
         # per execution environment) and with BATCH_MAX_SIZE=1.
         self.batcher: MicroBatcher[GroupResult] | None = None
-        if settings.torch_compile and settings.on_lambda:
-            logger.warning("TORCH_COMPILE is ignored on Lambda: compiling would land on the cold path")
+        if settings.torch_compile and settings.on_lambda and not settings.snap_start:
+            logger.warning("TORCH_COMPILE is ignored on Lambda without SnapStart (it slows the cold start)")
         if settings.batch_max_size > 1 and not settings.on_lambda:
             self.batcher = MicroBatcher(
                 self._run_group, max_size=settings.batch_max_size, window_s=settings.batch_window_ms / 1000
@@ -91,8 +91,9 @@ class Engine(StartupLoading):
 
     @property
     def compiled(self) -> bool:
-        """TORCH_COMPILE, in server mode only: on Lambda the compile would land on the cold path."""
-        return self.settings.torch_compile and not self.settings.on_lambda
+        """TORCH_COMPILE, in server mode and under SnapStart (compiled in the INIT's warm-up, before the
+        snapshot); on an on-demand Lambda the compile would land on the cold path."""
+        return self.settings.torch_compile and (not self.settings.on_lambda or self.settings.snap_start)
 
     @property
     def current(self) -> LoadedModel | None:

@@ -1,8 +1,11 @@
-"""The start-up model: MODEL_PATH loaded once at start, its failure kept for /health, and retried.
+"""The start-up model: MODEL_PATH loaded once at start, warmed up, its failure kept for /health, and
+retried.
 
 A part of `Engine` (its base class), kept apart so the engine module stays readable: the retry
 runs at most once per LOAD_RETRY_INTERVAL_S, in the request's thread or (for /health, which
-never waits) in a thread of its own.
+never waits) in a thread of its own. The warm-up (WARM_UP) is one short greedy generation right after
+the load, so the first user does not pay for first-call work (allocator, kernels, a TORCH_COMPILE
+compile, tokenizer caches); under SnapStart it runs before the snapshot (`function.aws.snapstart`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from function.config import Settings
 from function.engine.telemetry import ColdStartTelemetry
-from function.engine.types import Quantization
+from function.engine.types import Quantization, SamplingParams
 from function.errors import ModelLoadError, ModelLoadInProgressError
 from function.weights.loading import quantization_from_flags
 
@@ -23,6 +26,9 @@ if TYPE_CHECKING:
     from function.weights.loading import LoadedModel
 
 logger = logging.getLogger(__name__)
+
+WARM_UP_PROMPT = "Hello"
+WARM_UP_PARAMS = SamplingParams(max_new_tokens=4, do_sample=False, temperature=0.0, repetition_penalty=1.0)
 
 
 class EngineState(Protocol):
@@ -33,6 +39,10 @@ class EngineState(Protocol):
     _startup_error: str | None
     _last_startup_attempt: float | None
     _retry_lock: threading.Lock
+    _generate_lock: threading.Lock
+
+    @property
+    def compiled(self) -> bool: ...
 
     @property
     def current(self) -> LoadedModel | None: ...
@@ -53,6 +63,8 @@ class EngineState(Protocol):
     def load_startup_model(self) -> None: ...
 
     def _retry_due(self) -> bool: ...
+
+    def warm_up(self) -> float | None: ...
 
 
 class StartupLoading:
@@ -87,6 +99,33 @@ class StartupLoading:
         except ModelLoadError as exc:
             self._startup_error = exc.message
             logger.error("start-up model load failed: %s", exc.message)
+            return
+        if self.settings.warm_up:
+            self.warm_up()
+
+    def warm_up(self: EngineState) -> float | None:
+        """One short greedy generation on the served model, outside the response cache, the batcher and
+        the first-token telemetry; returns its seconds (also in the cold-start phases), or None when no
+        model is loaded. A failure is logged, never raised: the model still serves."""
+        from function.engine.generation import run_batch
+        from function.engine.limits import encode_prompt
+
+        loaded = self.current
+        if loaded is None:
+            return None
+        started = time.perf_counter()
+        try:
+            encoded, _ = encode_prompt(
+                loaded, WARM_UP_PROMPT, WARM_UP_PARAMS, self.settings, add_special_tokens=True
+            )
+            with self._generate_lock:
+                run_batch(loaded, [(encoded, WARM_UP_PARAMS)], None, compiled=self.compiled)
+        except Exception:  # a warm-up is an optimisation: its failure must not take the model down
+            logger.exception("warm-up generation failed; the first request will pay the first-call costs")
+            return None
+        seconds = time.perf_counter() - started
+        self.telemetry.record_warm_up(seconds)
+        return seconds
 
     def _retry_due(self: EngineState) -> bool:
         if self.current is not None or self.settings.model_path is None or self.loading:

@@ -53,8 +53,26 @@ class ColdStartTelemetry:
             "fetch_mb_per_s": round(fetch.megabytes_per_second, 1) if fetch else None,
             "fetch_from_cache": fetch.from_cache if fetch else None,
             "load_s": round(loaded.load_seconds, 4),
+            "fetch_in_memory": fetch.in_memory if fetch else None,
+            "warm_up_s": None,
             "first_token_s": None,
         }
+
+    def record_warm_up(self, seconds: float) -> None:
+        if self._phases is not None:
+            self._phases["warm_up_s"] = round(seconds, 4)
+
+    def record_restore(self, restore_s: float, snapshot_age_s: float | None) -> None:
+        """This process resumed from a SnapStart snapshot: the after-restore hooks took `restore_s`. The
+        phases before it are the snapshot INIT's; the first token is measured again, from here."""
+        self._first_token_pending = True
+        if self._phases is not None:
+            self._phases.update(
+                restored=True,
+                restore_s=round(restore_s, 4),
+                snapshot_age_s=None if snapshot_age_s is None else round(snapshot_age_s, 1),
+                first_token_s=None,
+            )
 
     def first_token_recorder(self, started: float) -> Callable[[], None] | None:
         """A callback for the first token of a generation that began at `started` (perf_counter),

@@ -68,6 +68,7 @@ class FetchResult:
     bytes_downloaded: int
     seconds: float
     from_cache: bool
+    in_memory: bool = False  # the safetensors went to memory, not to local_dir (function.weights.memory)
 
     @property
     def megabytes_per_second(self) -> float:

@@ -8,7 +8,7 @@ import base64
 import hashlib
 import json
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +51,12 @@ def parse_manifest(body: bytes, present: set[str]) -> Manifest:
     return listed
 
 
-def verify_against_manifest(name: str, path: Path, manifest: Manifest) -> None:
+def verify_against_manifest(name: str, path: Data, manifest: Manifest) -> None:
     """Size and SHA-256 as published. A file the manifest does not list (a README added later) passes."""
     entry = manifest.get(name)
     if entry is None:
         return
-    size = path.stat().st_size
+    size = _size(path)
     if int(entry.get("size", -1)) != size:
         raise ModelLoadError(
             f"{name}: size {size} differs from the manifest's {entry.get('size')} "
@@ -69,7 +69,7 @@ def verify_against_manifest(name: str, path: Path, manifest: Manifest) -> None:
         )
 
 
-def verify_s3_checksum(name: str, path: Path, head: dict[str, Any]) -> None:
+def verify_s3_checksum(name: str, path: Data, head: dict[str, Any]) -> None:
     """The first full-object checksum S3 reports for the object (`head_object` with ChecksumMode)."""
     for field, compute in (
         ("ChecksumSHA256", sha256_b64),
@@ -88,25 +88,46 @@ def verify_s3_checksum(name: str, path: Path, head: dict[str, Any]) -> None:
         return
 
 
-def digest(path: Path, factory: Callable[[], Any]) -> str:
+Data = Path | memoryview  # a file, or bytes already in memory (function.weights.memory)
+
+
+def _chunks(data: Data) -> Iterator[Any]:
+    if isinstance(data, memoryview):
+        yield data
+        return
+    with open(data, "rb") as handle:
+        yield from iter(lambda: handle.read(4 * 1024 * 1024), b"")
+
+
+def _size(data: Data) -> int:
+    return data.nbytes if isinstance(data, memoryview) else data.stat().st_size
+
+
+def digest(data: Data, factory: Callable[[], Any]) -> str:
     hasher = factory()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(4 * 1024 * 1024), b""):
-            hasher.update(chunk)
+    for chunk in _chunks(data):
+        hasher.update(chunk)
     return str(hasher.hexdigest())
 
 
-def sha256_b64(path: Path) -> str:
-    return base64.b64encode(bytes.fromhex(digest(path, hashlib.sha256))).decode()
+def sha256_b64(data: Data) -> str:
+    return base64.b64encode(bytes.fromhex(digest(data, hashlib.sha256))).decode()
 
 
-def sha1_b64(path: Path) -> str:
-    return base64.b64encode(bytes.fromhex(digest(path, hashlib.sha1))).decode()
+def sha1_b64(data: Data) -> str:
+    return base64.b64encode(bytes.fromhex(digest(data, hashlib.sha1))).decode()
 
 
-def crc32_b64(path: Path) -> str:
+def crc32_b64(data: Data) -> str:
     crc = 0
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(4 * 1024 * 1024), b""):
-            crc = zlib.crc32(chunk, crc)
+    for chunk in _chunks(data):
+        crc = zlib.crc32(chunk, crc)
     return base64.b64encode(crc.to_bytes(4, "big")).decode()
+
+
+def verify_bytes(name: str, data: memoryview, manifest: Manifest | None, head: dict[str, Any] | None) -> None:
+    """A file held in memory: against the manifest when there is one, else S3's checksum in `head`."""
+    if manifest is not None:
+        verify_against_manifest(name, data, manifest)
+    elif head is not None:
+        verify_s3_checksum(name, data, head)

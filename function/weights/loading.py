@@ -181,6 +181,7 @@ def load_model(
         base_model_path=base_model_path,
         adapters=adapters,
         check_path=check_path,
+        in_memory=settings.fetch_into_memory,
     )
     started = time.perf_counter()
     try:
@@ -237,11 +238,13 @@ def _from_pretrained(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from function.weights.adapters import attach_adapters
+    from function.weights.memory import model_from_memory
 
     base_dir = sources.base.local_dir
     offline: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
     config = AutoConfig.from_pretrained(base_dir, **offline)
-    checkpoint = read_checkpoint(base_dir)  # headers only
+    memory = sources.base.memory  # s3:// safetensors fetched into memory (WEIGHTS_IN_MEMORY)
+    checkpoint = memory.checkpoint() if memory is not None else read_checkpoint(base_dir)  # headers only
     check_checkpoint(config, checkpoint, settings)  # before anything is allocated
     tokenizer = AutoTokenizer.from_pretrained(_tokenizer_dir(sources), **offline)
     parameters = checkpoint.parameters
@@ -255,9 +258,12 @@ def _from_pretrained(
     loaded: Any  # (model, loading info) with output_loading_info
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        loaded = AutoModelForCausalLM.from_pretrained(
-            base_dir, config=config, output_loading_info=True, **kwargs
-        )
+        if memory is not None:
+            loaded = model_from_memory(memory, config, output_loading_info=True, **kwargs)
+        else:
+            loaded = AutoModelForCausalLM.from_pretrained(
+                base_dir, config=config, output_loading_info=True, **kwargs
+            )
     model, info = loaded
     problem = loading_problem(info)  # what the header check can't follow (tensors merged at load, say)
     if problem is not None:

@@ -19,6 +19,7 @@ from typing import Literal
 from function.errors import ModelLoadError, ModelPathNotAllowedError
 from function.weights.fetcher import FetchResult
 from function.weights.integrity import PICKLE_SUFFIXES
+from function.weights.memory import InMemoryWeights, fetch_into_memory
 from function.weights.prefetch import fetch_model
 
 CONVERT_HINT = (
@@ -45,6 +46,7 @@ class ResolvedWeights:
     resolve_seconds: float
     fetch: FetchResult | None = None
     kind: ModelKind = "model"
+    memory: InMemoryWeights | None = None  # safetensors fetched into memory (local_dir: the rest)
 
 
 def model_name_from_path(model_path: str) -> str:
@@ -56,7 +58,11 @@ def model_name_from_path(model_path: str) -> str:
 
 
 def resolve_weights(
-    model_path: str, cache_dir: Path, check_path: Callable[[str], None] | None = None
+    model_path: str,
+    cache_dir: Path,
+    check_path: Callable[[str], None] | None = None,
+    *,
+    in_memory: bool = False,
 ) -> ResolvedWeights:
     """Turn `model_path` into a checked local directory (fetching `s3://` into `cache_dir`).
 
@@ -65,8 +71,12 @@ def resolve_weights(
     are followed, so a Hugging Face cache snapshot (files linked to ../../blobs) can be served."""
     started = time.perf_counter()
     if model_path.startswith("s3://"):
-        fetched = fetch_model(model_path, cache_dir)
-        kind = check_model_files(fetched.local_dir)
+        memory = None
+        if in_memory:
+            fetched, memory = fetch_into_memory(model_path, cache_dir)
+        else:
+            fetched = fetch_model(model_path, cache_dir)
+        kind = check_model_files(fetched.local_dir, memory.names if memory else set())
         return ResolvedWeights(
             fetched.local_dir,
             model_path,
@@ -74,6 +84,7 @@ def resolve_weights(
             time.perf_counter() - started,
             fetched,
             kind,
+            memory,
         )
     if "://" in model_path:
         raise ModelLoadError(
@@ -129,9 +140,10 @@ def _admits(check_path: Callable[[str], None] | None, path: str) -> bool:
     return True
 
 
-def check_model_files(local_dir: Path) -> ModelKind:
-    """A full model or a PEFT adapter, with safetensors weights; custom code and pickles are refused."""
-    names = {p.name for p in local_dir.iterdir() if p.is_file()}
+def check_model_files(local_dir: Path, in_memory: set[str] | None = None) -> ModelKind:
+    """A full model or a PEFT adapter, with safetensors weights; custom code and pickles are refused.
+    `in_memory`: the names of files fetched into memory rather than into `local_dir`."""
+    names = {p.name for p in local_dir.iterdir() if p.is_file()} | (in_memory or set())
     if "config.json" not in names and ADAPTER_CONFIG in names:
         check_adapter_files(local_dir, names)
         return "adapter"

@@ -6,6 +6,8 @@ S3 access is boto3's own configuration (credentials chain, AWS_ENDPOINT_URL_S3).
 from __future__ import annotations
 
 import re
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +45,22 @@ def parse_s3_uri(uri: str) -> S3Location:
     return S3Location(bucket=bucket, prefix="/".join(segments) + "/" if segments else "")
 
 
+_clients: weakref.WeakSet[Any] = weakref.WeakSet()  # every client s3_client built, while it lives
+_clients_lock = threading.Lock()
+
+
+def close_clients() -> int:
+    """Close the connection pools of every S3 client built here (before a SnapStart snapshot: a restored
+    environment must not inherit connections that are dead by then); returns how many. A closed client
+    still works: it opens new connections when used again."""
+    with _clients_lock:
+        clients = list(_clients)
+        _clients.clear()
+    for client in clients:
+        client.close()
+    return len(clients)
+
+
 def s3_client() -> Any:
     """boto3's own configuration, with retries on throttling, 5xx and connection errors."""
     import boto3
@@ -54,7 +72,10 @@ def s3_client() -> Any:
         connect_timeout=5,
         read_timeout=30,
     )
-    return boto3.client("s3", config=config)
+    client = boto3.client("s3", config=config)
+    with _clients_lock:
+        _clients.add(client)
+    return client
 
 
 def describe_client_error(exc: Exception) -> str:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from function.errors import ModelLoadError
@@ -44,6 +45,7 @@ class ModelSources:
             bytes_downloaded=sum(f.bytes_downloaded for f in fetched),
             seconds=self.seconds,
             from_cache=all(f.from_cache for f in fetched),
+            in_memory=any(f.in_memory for f in fetched),
         )
 
 
@@ -69,11 +71,13 @@ def resolve_sources(
     base_model_path: str | None = None,
     adapters: Mapping[str, str] | None = None,
     check_path: PathCheck | None = None,
+    in_memory: bool = False,
 ) -> ModelSources:
     """Resolve MODEL_PATH, its base when it is an adapter, and the named adapters.
 
     `check_path` (the allow-list of /load_model) sees every path before any I/O on it; a base
-    named only inside the adapter is checked once the adapter's config is read.
+    named only inside the adapter is checked once the adapter's config is read. `in_memory` fetches an
+    `s3://` model's safetensors into memory; adapters are small and go to the disk cache whole.
     """
     started = time.perf_counter()
     adapters = dict(adapters or {})
@@ -82,9 +86,8 @@ def resolve_sources(
     for path in upfront:
         check(path)
     with ThreadPoolExecutor(max_workers=max(1, len(upfront)), thread_name_prefix="resolve") as pool:
-        resolving = {
-            path: pool.submit(resolve_weights, path, cache_dir, check_path) for path in dict.fromkeys(upfront)
-        }
+        resolve = partial(resolve_weights, cache_dir=cache_dir, check_path=check_path, in_memory=in_memory)
+        resolving = {path: pool.submit(resolve, path) for path in dict.fromkeys(upfront)}
         first = resolving[model_path].result()
         if first.kind == "adapter" and adapters:
             raise ModelLoadError(
@@ -95,7 +98,7 @@ def resolve_sources(
         base_path = model_path if first.kind == "model" else _base_of(first, base_model_path)
         if base_path not in resolving:
             check(base_path)
-            resolving[base_path] = pool.submit(resolve_weights, base_path, cache_dir, check_path)
+            resolving[base_path] = pool.submit(resolve, base_path)
         base = resolving[base_path].result()
         extra = {name: resolving[path].result() for name, path in adapters.items()}
     if base.kind != "model":

@@ -139,7 +139,13 @@ class LambdaEmulator:
     HANDLER = "function.handler.handler"
 
     def __init__(
-        self, environment: dict[str, str], log_path: Path, *, timeout_s: int = 60, memory_mb: int = 3008
+        self,
+        environment: dict[str, str],
+        log_path: Path,
+        *,
+        timeout_s: int = 60,
+        memory_mb: int = 3008,
+        bootstrap: list[str] | None = None,
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/2015-03-31/functions/function/invocations"
@@ -147,6 +153,9 @@ class LambdaEmulator:
         self.log_path = log_path
         self.timeout_s = timeout_s
         self.memory_mb = memory_mb
+        # What the emulator starts as the runtime: awslambdaric around the handler, or (SnapStart's
+        # stand-in, tests.support.snapstart) a process that asks a snapshot holder for a restored one.
+        self.bootstrap = bootstrap or [sys.executable, "-m", "awslambdaric", self.HANDLER]
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> LambdaEmulator:
@@ -171,10 +180,7 @@ class LambdaEmulator:
             f"127.0.0.1:{self.port}",
             "--runtime-api-address",
             f"127.0.0.1:{free_port()}",
-            sys.executable,
-            "-m",
-            "awslambdaric",
-            self.HANDLER,
+            *self.bootstrap,
         ]
         self.process = subprocess.Popen(
             command,
