@@ -217,7 +217,25 @@ class ColdStart(BaseModel):
     fetch_mb_per_s: float | None
     fetch_from_cache: bool | None = Field(description="True when unchanged weights were found in /tmp.")
     load_s: float = Field(description="from_pretrained of the tokenizer and the model.")
-    first_token_s: float | None = Field(description="First token of the first request, once there was one.")
+    fetch_in_memory: bool | None = Field(
+        default=None,
+        description="The s3:// weights went straight into memory (WEIGHTS_IN_MEMORY), not to /tmp.",
+    )
+    warm_up_s: float | None = Field(
+        default=None,
+        description="The warm-up generation after the load (WARM_UP); under SnapStart, in the INIT.",
+    )
+    restored: bool = Field(
+        default=False,
+        description="This environment resumed from a SnapStart snapshot: the phases above are the INIT's.",
+    )
+    restore_s: float | None = Field(default=None, description="The after-restore hooks (SnapStart).")
+    snapshot_age_s: float | None = Field(
+        default=None, description="Time from the snapshot to this restore (SnapStart)."
+    )
+    first_token_s: float | None = Field(
+        description="First token of the first request, once there was one (after the restore, if restored)."
+    )
 
 
 class AdapterInfo(BaseModel):

@@ -72,6 +72,11 @@ class WeightFile:
             self.buffer.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
+def anonymous_memory(size: int) -> mmap.mmap:
+    """Private anonymous memory (a shared mapping would be shmem: its pages are not freed by madvise)."""
+    return mmap.mmap(-1, max(1, size), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
 def parse_header(name: str, buffer: Any) -> list[TensorEntry]:
     """The tensors a safetensors file holds, in file order, each inside the file and well formed."""
     size = len(buffer)
@@ -215,7 +220,7 @@ class MemoryFetcher(ModelFetcher):
         self._listing = files  # the manifest lists the weights too
         manifest = self._manifest(location, files)
         small = super()._fetch_into(location, on_disk, target, started)  # config, tokenizer: on disk
-        weights = {f.name: mmap.mmap(-1, max(1, f.size)) for f in in_memory}
+        weights = {f.name: anonymous_memory(f.size) for f in in_memory}
         try:
             tasks = [(f, first, last) for f in in_memory for first, last in _ranges(f.size, self.part_size)]
             with ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="fetch-mem") as pool:
@@ -226,8 +231,7 @@ class MemoryFetcher(ModelFetcher):
                     pass
             self.weights = InMemoryWeights({f.name: WeightFile(f.name, weights[f.name]) for f in in_memory})
         except BaseException:
-            for buffer in weights.values():
-                buffer.close()
+            weights.clear()  # the buffers go with their last reference (a traceback may hold a view)
             raise
         return FetchResult(
             small.local_dir,

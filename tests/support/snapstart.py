@@ -58,8 +58,53 @@ def hold(socket_path: str) -> None:
     bootstrap.run(HANDLER, ForkingRuntimeClient("unused:0"))
 
 
+def established_tcp() -> list[str]:
+    """This process's established TCP connections, as `host:port` of the peer (from /proc)."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    peers = []
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        try:
+            lines = Path(table).read_text(encoding="ascii").splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "01" and fields[9] in inodes:  # 01: ESTABLISHED
+                address, port = fields[2].split(":")
+                host = ".".join(str(b) for b in reversed(bytes.fromhex(address[-8:])))
+                peers.append(f"{host}:{int(port, 16)}")
+    return sorted(peers)
+
+
+def snapshot_report() -> dict[str, Any]:
+    """What the snapshot would hold, as the tests check it: the hooks, the open connections, the threads."""
+    import snapshot_restore_py
+
+    def names(registry: list[Any]) -> list[str]:
+        return [getattr(entry[0], "__qualname__", repr(entry[0])) for entry in registry]
+
+    after = snapshot_restore_py.get_after_restore()
+    return {
+        "pid": os.getpid(),
+        # awslambdaric pops the before-snapshot hooks as it runs them: what ran shows in the hooks' own log
+        "before_snapshot_hooks_left": names(snapshot_restore_py.get_before_snapshot()),
+        "after_restore_hooks": names(after),
+        "hooks_ran": [list(getattr(getattr(entry[0], "__self__", None), "log", [])) for entry in after],
+        "established_tcp": established_tcp(),
+        "threads": sorted(thread.name for thread in threading.enumerate()),
+    }
+
+
 def serve_restores(socket_path: str) -> str:
     """Listen; fork a child per connection. Returns, in the child, the Runtime API it now serves."""
+    Path(socket_path + ".json").write_text(json.dumps(snapshot_report()), encoding="utf-8")
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the system
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(socket_path + ".tmp")
@@ -108,8 +153,12 @@ class RuntimeTransport:
             raise RuntimeError(f"Runtime API {method} {path}: {response.status} {data[:200]!r}")
         return data, dict(response.getheaders())
 
-    def next(self) -> tuple[bytes, dict[str, str]]:
-        return self._call("GET", "/invocation/next")  # type: ignore[no-any-return]
+    def next(self) -> tuple[bytes, dict[str, Any]]:
+        body, headers = self._call("GET", "/invocation/next")
+        deadline = headers.get("Lambda-Runtime-Deadline-Ms")
+        if deadline is not None:  # the native client hands it over as a number
+            headers["Lambda-Runtime-Deadline-Ms"] = int(deadline)
+        return body, headers
 
     def post_invocation_result(
         self, invoke_id: str, data: bytes, content_type: str, invocation_id: str | None = None
@@ -223,6 +272,10 @@ class SnapStartEmulation:
 
     def log(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def snapshot(self) -> dict[str, Any]:
+        """`snapshot_report()` as the holder wrote it at the snapshot point."""
+        return json.loads(Path(self.socket_path + ".json").read_text(encoding="utf-8"))  # type: ignore[no-any-return]
 
     def stop(self) -> None:
         for emulator in self.restored:
