@@ -14,6 +14,7 @@ help:
 	@echo "make serve      run the API on $(HOST):$(PORT) (the built-in SmolLM2-135M-Instruct if MODEL_PATH is unset)"
 	@echo "make test       lint, type check and every test"
 	@echo "make emulate    the function in the Lambda emulator with its weights in a local S3 (no Docker)"
+	@echo "make emulate-snapstart SnapStart emulated: one INIT (weights in memory), restores forked from it"
 	@echo "make bench      throughput: engine vs plain generate, HTTP overhead, batching, cache, memory, compile"
 	@echo "make bench-device the GPU host's checks (Lambda entry point, 8/4-bit servers, /model_info); dry run on CPU"
 	@echo "make bench-coldstart cold start from S3 vs the floor and the common path (prints figures)"
@@ -116,3 +117,9 @@ bench-coldstart: venv sam-venv
 
 clean:
 	rm -rf $(VENV) $(SAM_VENV) $(CHECKOV_VENV) $(DEMO_MODEL) $(EXAMPLE_MODEL) .pytest_cache .mypy_cache .ruff_cache
+# SnapStart, emulated: the INIT once (weights straight into memory), the snapshot point a fork, each restored
+# environment behind the real emulator. MODEL_DIR=... publishes that model instead of a demo one.
+emulate-snapstart: venv sam-venv
+	SAM_VENV=$(SAM_VENV) $(BIN)/python -m tests.integration.emulate_snapstart \
+		$(if $(MODEL_DIR),--model-dir $(MODEL_DIR),) $(if $(KEEP),--keep,)
+
