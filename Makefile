@@ -8,7 +8,7 @@ EXAMPLE_MODEL ?= .example-model
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: help runtime-venv venv sam-venv checkov-venv serve example-model demo-model test lint typecheck pytest emulate bench bench-device bench-dtype bench-coldstart bench-load clean
+.PHONY: help runtime-venv venv sam-venv checkov-venv serve example-model demo-model test lint typecheck pytest emulate bench bench-device bench-dtype bench-coldstart bench-load bench-llamacpp llamacpp-venv clean
 
 help:
 	@echo "make serve      run the API on $(HOST):$(PORT) (the built-in SmolLM2-135M-Instruct if MODEL_PATH is unset)"
@@ -16,6 +16,7 @@ help:
 	@echo "make emulate    the function in the Lambda emulator with its weights in a local S3 (no Docker)"
 	@echo "make emulate-snapstart SnapStart emulated: one INIT (weights in memory), restores forked from it"
 	@echo "make bench      throughput: engine vs plain generate, HTTP overhead, batching, cache, memory, compile"
+	@echo "make bench-llamacpp ours vs llama.cpp on the example model, batch 1 and 8 clients (builds .venv-llamacpp)"
 	@echo "make bench-device the GPU host's checks (Lambda entry point, 8/4-bit servers, /model_info); dry run on CPU"
 	@echo "make bench-coldstart cold start from S3 vs the floor and the common path (prints figures)"
 	@echo "make bench-dtype CPU float32 vs bfloat16 decode speed (prints figures)"
@@ -60,6 +61,37 @@ $(CHECKOV_VENV)/.installed:
 
 checkov-venv: $(CHECKOV_VENV)/.installed
 
+# Benchmark only (issue 14), never a project dependency: llama.cpp as the CPU anchor. llama-cpp-python
+# built from its sdist (CPU only, -march=native), llama-server built with cmake from the llama.cpp sources
+# that sdist vendors, and what those sources' convert_hf_to_gguf.py needs (torch: the CPU build).
+LLAMACPP_VENV ?= .venv-llamacpp
+LLAMACPP_VERSION ?= 0.3.36
+LLAMACPP_SRC := $(LLAMACPP_VENV)/src/llama_cpp_python-$(LLAMACPP_VERSION)
+LLAMACPP_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+# The converter imports torch: the project's pin (CPU build where PIP_EXTRA_INDEX_URL says so, see README).
+LLAMACPP_TORCH ?= 2.13.0
+$(LLAMACPP_VENV)/.installed:
+	rm -rf $(LLAMACPP_VENV)
+	$(PYTHON) -m venv $(LLAMACPP_VENV)
+	$(LLAMACPP_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LLAMACPP_VENV)/bin/python -m pip download --quiet --no-deps --no-binary=:all: \
+		--dest $(LLAMACPP_VENV)/src llama-cpp-python==$(LLAMACPP_VERSION)
+	tar -xzf $(LLAMACPP_VENV)/src/llama_cpp_python-$(LLAMACPP_VERSION).tar.gz -C $(LLAMACPP_VENV)/src
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_CUDA=OFF -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$(LLAMACPP_JOBS) \
+		$(LLAMACPP_VENV)/bin/python -m pip install --quiet --no-binary=llama-cpp-python $(LLAMACPP_SRC)
+	cmake -S $(LLAMACPP_SRC)/vendor/llama.cpp -B $(LLAMACPP_VENV)/build-server -DCMAKE_BUILD_TYPE=Release \
+		-DGGML_NATIVE=ON -DGGML_CUDA=OFF -DGGML_BLAS=OFF -DBUILD_SHARED_LIBS=OFF -DLLAMA_OPENSSL=OFF \
+		-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON
+	cmake --build $(LLAMACPP_VENV)/build-server --target llama-server -j $(LLAMACPP_JOBS)
+	cp $(LLAMACPP_VENV)/build-server/bin/llama-server $(LLAMACPP_VENV)/bin/
+	$(LLAMACPP_VENV)/bin/python -m pip install --quiet \
+		torch==$(LLAMACPP_TORCH) -r $(LLAMACPP_SRC)/vendor/llama.cpp/requirements/requirements-convert_legacy_llama.txt
+	# The example model's tokenizer_config.json is transformers 5's (TokenizersBackend): 4.57 cannot read it.
+	$(LLAMACPP_VENV)/bin/python -m pip install --quiet 'transformers>=5,<6'
+	touch $@
+
+llamacpp-venv: $(LLAMACPP_VENV)/.installed
+
 $(DEMO_MODEL)/config.json: $(BIN)/.installed-runtime
 	$(BIN)/python -m function demo-model $(DEMO_MODEL)
 
@@ -101,6 +133,12 @@ test: lint typecheck pytest
 # Figures side by side in one run, each against its target (issue 7). BENCH_ARGS: see --help.
 bench: venv
 	$(BIN)/python -m benchmarks.throughput --compile $(BENCH_ARGS)
+	$(MAKE) --no-print-directory bench-llamacpp
+
+# Ours beside llama.cpp on the example model: batch 1 (default, fp32, 8-bit, 4-bit vs BF16, Q8_0, Q4_1 GGUFs)
+# and 8 clients vs llama-server, each ratio against its goal (issue 14). LLAMACPP_BENCH_ARGS: see --help.
+bench-llamacpp: venv llamacpp-venv
+	$(BIN)/python -m benchmarks.llama_cpp $(LLAMACPP_BENCH_ARGS)
 
 bench-device: venv
 	$(BIN)/python -m benchmarks.device_checks
@@ -116,7 +154,7 @@ bench-coldstart: venv sam-venv
 	SAM_VENV=$(SAM_VENV) $(BIN)/python -m benchmarks.coldstart
 
 clean:
-	rm -rf $(VENV) $(SAM_VENV) $(CHECKOV_VENV) $(DEMO_MODEL) $(EXAMPLE_MODEL) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(SAM_VENV) $(CHECKOV_VENV) $(LLAMACPP_VENV) .bench-gguf $(DEMO_MODEL) $(EXAMPLE_MODEL) .pytest_cache .mypy_cache .ruff_cache
 # SnapStart, emulated: the INIT once (weights straight into memory), the snapshot point a fork, each restored
 # environment behind the real emulator. MODEL_DIR=... publishes that model instead of a demo one.
 emulate-snapstart: venv sam-venv
