@@ -1,68 +1,48 @@
 """Cold start from S3, side by side in one run: `make bench-coldstart`. Prints figures; not a test.
 
-A ~300 MB model is published to SeaweedFS on 127.0.0.1, then measured three ways:
-- ours: the handler in the Lambda Runtime Interface Emulator, by phase (fresh /tmp each trial);
-- the floor: imports + bytes / the best raw GET throughput of the same server;
-- the common path: boto3 `download_file` of each file, then `from_pretrained`.
-Targets: ours <= 1.15 x floor and <= 0.8 x common path; peak RSS <= RSS after imports + 1.1 x bytes.
+The example model (SmolLM2-135M-Instruct, ~270 MB of bf16 safetensors; built by `make example-model` if
+missing) is published to SeaweedFS on 127.0.0.1 with its manifest, then each round runs, in an order that
+rotates from round to round, every path in a fresh process:
+
+1. time to a model ready to generate, and peak RSS (VmHWM) (`benchmarks/coldstart_paths.py`):
+   (a) the memory-only INIT (WEIGHTS_IN_MEMORY=true: imports, fetch into memory, load, warm-up),
+   (b) today's /tmp path (WEIGHTS_IN_MEMORY=false), (c) the common path (boto3 `download_file` +
+   `from_pretrained`), (d) Run:ai Model Streamer (`SafetensorsStreamer` over the same objects, in
+   `.venv-runai`), and the entry's imports alone (the RSS baseline of the memory target);
+2. under the Lambda emulator, to the first token: an on-demand cold start vs an environment restored from
+   a SnapStart snapshot (emulated by a fork: `tests/support/snapstart.py`), with the emulator's Init
+   Duration (`benchmarks/coldstart_snapstart.py`);
+3. TORCH_COMPILE=true vs false under the SnapStart emulation: INIT time and the restored decode speed.
+
+Then every figure against its target (`benchmarks/coldstart_report.py`): memory-only ready <= 1.0 x Run:ai
+and <= 0.7 x the common path; its peak RSS <= RSS after the imports + 1.1 x the weights' bytes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from function.demo_model import DemoModelSize, build_demo_model
-from tests.support.local_aws import CREDENTIALS, LambdaEmulator, SeaweedFS, peak_rss_mb
-from tests.support.s3 import upload_model
-
+REPO = Path(__file__).resolve().parents[1]
 BUCKET = "models"
-PREFIX = "bench/model-300mb/"
-SHAPE_300MB = DemoModelSize(
-    hidden_size=768, num_layers=9, num_heads=12, intermediate_size=2048, vocab_size=8192
-)
-
-IMPORTS = """
-import time
-t = time.perf_counter()
-import mangum, boto3, function.app
-from function.weights.loading import import_runtime
-import_runtime()
-print(time.perf_counter() - t)
-"""
-
-COMMON_PATH = """
-import json, resource, sys, time
-from pathlib import Path
-began = time.perf_counter()
-import boto3, torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-imported = time.perf_counter()
-s3 = boto3.client("s3")
-bucket, prefix, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
-out.mkdir(parents=True, exist_ok=True)
-for item in s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]:
-    s3.download_file(bucket, item["Key"], str(out / item["Key"][len(prefix):]))
-downloaded = time.perf_counter()
-AutoTokenizer.from_pretrained(out, local_files_only=True)
-AutoModelForCausalLM.from_pretrained(out, local_files_only=True, dtype=torch.float32)
-loaded = time.perf_counter()
-print(json.dumps({"imports_s": imported - began, "download_s": downloaded - imported, "load_s": loaded - downloaded,
-                  "total_s": loaded - began, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
-"""
+PREFIX = "bench/smollm2-135m/"
+PATH_TIMEOUT_S = 900
+PATH_NAMES = ("imports", "memory", "tmp", "common", "runai", "on_demand", "snap_eager", "snap_compiled")
 
 
-def raw_get_mb_per_s(seaweed: SeaweedFS, part_size: int = 8 * 1024 * 1024, workers: int = 16) -> float:
+def raw_get_mb_per_s(client: Any, part_size: int = 8 * 1024 * 1024, workers: int = 16) -> float:
     """Every object under the prefix as parallel ranged GETs, bytes discarded: the server's ceiling."""
-    client = seaweed.client()
     objects = client.list_objects_v2(Bucket=BUCKET, Prefix=PREFIX)["Contents"]
     ranges = [
         (o["Key"], start, min(start + part_size, o["Size"]) - 1)
@@ -81,129 +61,243 @@ def raw_get_mb_per_s(seaweed: SeaweedFS, part_size: int = 8 * 1024 * 1024, worke
     return total / 1e6 / (time.perf_counter() - started)
 
 
-def fetch_to_tmp_mb_per_s(seaweed: SeaweedFS, root: Path, trial: int) -> float:
-    """The fetcher alone (verify included) into a fresh /tmp: set against raw GETs, the cost of landing on disk."""
+def fetch_alone_mb_per_s(client: Any, root: Path, into: str) -> float:
+    """One fetcher alone (SHA-256 checked against the manifest): into a fresh /tmp, or into memory."""
     from function.weights.fetcher import ModelFetcher
+    from function.weights.memory import MemoryFetcher
 
-    result = ModelFetcher(root / f"alone-{trial}", seaweed.client()).fetch(f"s3://{BUCKET}/{PREFIX}")
-    return result.megabytes_per_second
-
-
-def ours(seaweed: SeaweedFS, root: Path, trial: int) -> dict[str, Any]:
-    environment = {
-        **seaweed.environment(),
-        "MODEL_PATH": f"s3://{BUCKET}/{PREFIX}",
-        "MODEL_CACHE_DIR": str(root / f"tmp-{trial}"),
-        "CPU_DTYPE": "float32",
-    }
-    function = LambdaEmulator(environment, root / f"rie-{trial}.log", memory_mb=3008).start()
+    directory = Path(tempfile.mkdtemp(prefix=f"fetch-{into}-", dir=root))
     try:
-        started = time.perf_counter()
-        info = function.invoke({"path": "/model_info", "method": "GET"})["body"]
-        first_response_s = time.perf_counter() - started
-        pid = function.runtime_pid()
-        peak = peak_rss_mb(pid) if pid else float("nan")
+        fetcher = MemoryFetcher(directory, client) if into == "memory" else ModelFetcher(directory, client)
+        result = fetcher.fetch(f"s3://{BUCKET}/{PREFIX}")
+        if isinstance(fetcher, MemoryFetcher):
+            for weight_file in fetcher.weights.files.values():
+                weight_file.buffer.close()
+        return float(result.megabytes_per_second)
     finally:
-        function.stop()
-    return {**info["cold_start"], "first_response_s": first_response_s, "peak_rss_mb": peak}
+        shutil.rmtree(directory, ignore_errors=True)
 
 
-def common_path(root: Path, seaweed: SeaweedFS, trial: int) -> dict[str, Any]:
+def child_environment(extra: dict[str, str]) -> dict[str, str]:
+    """This process's environment without AWS or model settings, plus `extra`."""
+    keep = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MODEL_", "WEIGHTS_", "TORCH_"))}
+    return {**keep, "PYTHONPATH": str(REPO), "LOG_LEVEL": "WARNING", **extra}
+
+
+def run_path(python: str, args: list[str], environment: dict[str, str], log: Path) -> dict[str, Any]:
+    """`python -m benchmarks.coldstart_paths ARGS` in a fresh process: its JSON line, or the error."""
     result = subprocess.run(
-        [sys.executable, "-c", COMMON_PATH, BUCKET, PREFIX, str(root / f"common-{trial}")],
+        [python, "-m", "benchmarks.coldstart_paths", *args],
+        cwd=REPO,
+        env=child_environment(environment),
         capture_output=True,
         text=True,
-        check=True,
-        env={**seaweed.environment()},
+        timeout=PATH_TIMEOUT_S,
     )
-    parsed: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
-    return parsed
+    log.write_text(result.stdout + "\n--- stderr ---\n" + result.stderr, encoding="utf-8")
+    for line in reversed(result.stdout.splitlines()):
+        if line.startswith("{") and '"peak_rss_mb"' in line:
+            parsed: dict[str, Any] = json.loads(line)
+            return parsed
+    return {"error": f"exit {result.returncode}; see {log}: {result.stderr.strip()[-300:]}"}
 
 
-def main() -> int:
+class Round:
+    """One round's paths, each a callable that returns its figures (fresh directories under `root`)."""
+
+    def __init__(self, args: argparse.Namespace, seaweed: Any, root: Path, dtype: str) -> None:
+        self.args = args
+        self.s3 = seaweed.environment()
+        self.endpoint = seaweed.endpoint
+        self.root = root
+        self.dtype = dtype
+        self.uri = f"s3://{BUCKET}/{PREFIX}"
+        root.mkdir(parents=True, exist_ok=True)
+
+    def lambda_environment(self) -> dict[str, str]:
+        return {
+            **self.s3,
+            "MODEL_PATH": self.uri,
+            "CPU_DTYPE": self.dtype,
+            "RESPONSE_CACHE_SIZE": "0",
+            "AWS_LAMBDA_FUNCTION_NAME": "llm-function",
+            "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "3008",
+        }
+
+    def paths(self) -> dict[str, Callable[[], dict[str, Any]]]:
+        chosen: dict[str, Callable[[], dict[str, Any]]] = {
+            "imports": self.imports,
+            "memory": lambda: self.ours("memory", "true", "snap-start"),
+            "tmp": lambda: self.ours("tmp", "false", "on-demand"),
+            "common": self.common,
+            "runai": self.runai,
+            "on_demand": self.on_demand,
+            "snap_eager": lambda: self.snapstart(compiled=False),
+        }
+        if self.args.compile:
+            chosen["snap_compiled"] = lambda: self.snapstart(compiled=True)
+        return {name: path for name, path in chosen.items() if name in self.args.paths}
+
+    def imports(self) -> dict[str, Any]:
+        environment = {k: v for k, v in self.lambda_environment().items() if k != "MODEL_PATH"}
+        return run_path(
+            sys.executable, ["imports", str(self.args.model)], environment, self.root / "imports.log"
+        )
+
+    def ours(self, name: str, in_memory: str, initialization: str) -> dict[str, Any]:
+        cache = self.root / f"{name}-cache"
+        environment = {
+            **self.lambda_environment(),
+            "WEIGHTS_IN_MEMORY": in_memory,
+            "AWS_LAMBDA_INITIALIZATION_TYPE": initialization,
+            "MODEL_CACHE_DIR": str(cache),
+        }
+        try:
+            return run_path(sys.executable, ["ours"], environment, self.root / f"{name}.log")
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
+
+    def common(self) -> dict[str, Any]:
+        out = self.root / "common-download"
+        try:
+            return run_path(
+                sys.executable,
+                ["common", BUCKET, PREFIX, str(out), self.dtype],
+                self.s3,
+                self.root / "common.log",
+            )
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+
+    def runai(self) -> dict[str, Any]:
+        python = Path(self.args.runai_venv) / "bin" / "python"
+        if not python.exists():
+            return {"error": f"{python} is missing: run `make runai-venv`"}
+        out = self.root / "runai-files"
+        environment = {
+            **self.s3,
+            "AWS_ENDPOINT_URL": self.endpoint,  # what the streamer's S3 client reads
+            "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0",  # path-style, as a local S3 server needs
+        }
+        try:
+            return run_path(
+                str(python), ["runai", self.uri, str(out), self.dtype], environment, self.root / "runai.log"
+            )
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+            Path(str(out) + ".lock").unlink(missing_ok=True)
+
+    def on_demand(self) -> dict[str, Any]:
+        from benchmarks.coldstart_snapstart import on_demand
+
+        environment = {**self.lambda_environment(), "AWS_LAMBDA_INITIALIZATION_TYPE": "on-demand"}
+        try:
+            return on_demand(environment, self.root / "on-demand")
+        except Exception as exc:
+            return {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        finally:
+            shutil.rmtree(self.root / "on-demand" / "tmp", ignore_errors=True)
+
+    def snapstart(self, *, compiled: bool) -> dict[str, Any]:
+        from benchmarks.coldstart_snapstart import snapstart
+
+        root = self.root / ("snap-compiled" if compiled else "snap-eager")
+        try:
+            return snapstart(self.lambda_environment(), root, compiled=compiled)
+        finally:
+            shutil.rmtree(root / "inductor", ignore_errors=True)
+
+
+def ensure_model(model: Path) -> Path:
+    if not (model / "config.json").exists():
+        print(f"building the example model into {model} ...", flush=True)
+        subprocess.run([sys.executable, "-m", "function", "example-model", str(model)], cwd=REPO, check=True)
+    return model
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmarks.coldstart",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--trials", type=int, default=3)
-    args = parser.parse_args()
-    from transformers.utils import logging as transformers_logging
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="interleaved rounds; medians over them (default 5)"
+    )
+    parser.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_false",
+        help="skip the TORCH_COMPILE SnapStart run (minutes)",
+    )
+    parser.add_argument("--model", type=Path, default=REPO / ".example-model", help="the model directory")
+    parser.add_argument(
+        "--runai-venv",
+        default=os.environ.get("RUNAI_VENV", str(REPO / ".venv-runai")),
+        help="the virtual environment with runai-model-streamer (make runai-venv)",
+    )
+    parser.add_argument(
+        "--paths",
+        nargs="+",
+        choices=PATH_NAMES,
+        default=list(PATH_NAMES),
+        help="the paths to run (default: all; snap_compiled unless --no-compile)",
+    )
+    parser.add_argument("--json", type=Path, help="write every round's raw figures here")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs) afterwards")
+    return parser.parse_args(argv)
 
-    transformers_logging.disable_progress_bar()
-    root = Path(tempfile.mkdtemp(prefix="llm-function-bench-"))
-    model_dir = build_demo_model(root / "model-300mb", size=SHAPE_300MB)
-    model_bytes = sum(p.stat().st_size for p in model_dir.iterdir() if p.is_file())
-    seaweed = SeaweedFS(root / "seaweedfs").start()
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from benchmarks.coldstart_report import Results, report
+    from function.weights.loading import cpu_has_native_bf16
+    from tests.support.local_aws import SeaweedFS
+    from tests.support.s3 import upload_model
+
+    model = ensure_model(args.model.resolve())
+    weights = sum(p.stat().st_size for p in model.glob("*.safetensors"))
+    dtype = "bfloat16" if cpu_has_native_bf16() else "float32"  # what CPU_DTYPE=auto picks for this model
+    work = Path(tempfile.mkdtemp(prefix="llm-function-coldstart-"))
+    seaweed = SeaweedFS(work / "seaweedfs").start()
     try:
         client = seaweed.client()
         client.create_bucket(Bucket=BUCKET)
-        upload_model(client, BUCKET, PREFIX, model_dir)
-        raw = max(raw_get_mb_per_s(seaweed) for _ in range(3))
-        to_tmp = max(fetch_to_tmp_mb_per_s(seaweed, root, trial) for trial in range(3))
-        imports = min(
-            float(
-                subprocess.run(
-                    [sys.executable, "-c", IMPORTS],
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                    env={**CREDENTIALS},
-                ).stdout
-            )
-            for _ in range(3)
+        upload_model(client, BUCKET, PREFIX, model)
+        results = Results(
+            model_bytes=weights,
+            dtype=dtype,
+            raw_mb_per_s=max(raw_get_mb_per_s(client) for _ in range(3)),
+            fetch_alone={
+                into: max(fetch_alone_mb_per_s(client, work, into) for _ in range(3))
+                for into in ("tmp", "memory")
+            },
         )
-        runs = [ours(seaweed, root, trial) for trial in range(args.trials)]
-        commons = [common_path(root, seaweed, trial) for trial in range(args.trials)]
+        for index in range(args.rounds):
+            results.load_average.append(os.getloadavg()[0])
+            paths = Round(args, seaweed, work / f"round-{index}", dtype).paths()
+            names = list(paths)
+            order = names[index % len(names) :] + names[: index % len(names)]
+            for name in order:
+                started = time.perf_counter()
+                row = paths[name]()
+                results.add(name, row)
+                status = f"failed: {row['error']}" if row.get("error") else "done"
+                print(
+                    f"round {index + 1}/{args.rounds}: {name} {status} ({time.perf_counter() - started:.0f} s)",
+                    flush=True,
+                )
+            results.rounds += 1
+        if args.json:
+            args.json.write_text(json.dumps(asdict(results), indent=1), encoding="utf-8")
     finally:
         seaweed.stop()
-    report(model_bytes, raw, to_tmp, imports, runs, commons)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"work directory kept: {work}")
+    report(results)
     return 0
-
-
-def report(
-    model_bytes: int,
-    raw: float,
-    to_tmp: float,
-    imports: float,
-    runs: list[dict[str, Any]],
-    commons: list[dict[str, Any]],
-) -> None:
-    def median(rows: list[dict[str, Any]], key: str) -> float:
-        return float(statistics.median(float(row[key]) for row in rows))
-
-    floor = imports + model_bytes / 1e6 / raw
-    ready = median(runs, "ready_s")
-    common = median(commons, "total_s")
-    rss_after_imports = median(runs, "rss_after_imports_mb")
-    peak = median(runs, "peak_rss_mb")
-    rss_limit = rss_after_imports + 1.1 * model_bytes / 2**20
-    print(
-        f"model: {model_bytes / 1e6:.0f} MB; best raw GET throughput: {raw:.0f} MB/s; imports alone: {imports:.2f} s"
-    )
-    print(
-        f"fetch alone into /tmp, SHA-256 checked: {to_tmp:.0f} MB/s = {to_tmp / raw:.2f} x raw GETs into memory"
-    )
-    print(f"medians of {len(runs)} trials, each on a fresh /tmp")
-    print(
-        f"{'ours (emulator)':<22}imports {median(runs, 'imports_s'):.2f} s | fetch {median(runs, 'fetch_s'):.2f} s "
-        f"({median(runs, 'fetch_mb_per_s'):.0f} MB/s, overlapping the imports) | load {median(runs, 'load_s'):.2f} s"
-        f" | ready {ready:.2f} s | first response {median(runs, 'first_response_s'):.2f} s"
-    )
-    print(f"{'floor':<22}imports + bytes / raw = {floor:.2f} s")
-    print(
-        f"{'common path':<22}imports {median(commons, 'imports_s'):.2f} s | download_file "
-        f"{median(commons, 'download_s'):.2f} s | from_pretrained {median(commons, 'load_s'):.2f} s | total "
-        f"{common:.2f} s | peak RSS {median(commons, 'peak_rss_mb'):.0f} MB"
-    )
-    print(f"{'target':<22}{'measured':>10}{'limit':>10}  result")
-    for name, value, limit in (
-        ("ready / floor", ready / floor, 1.15),
-        ("ready / common path", ready / common, 0.8),
-        ("peak RSS MB", peak, rss_limit),
-    ):
-        print(f"{name:<22}{value:>10.2f}{limit:>10.2f}  {'met' if value <= limit else 'MISSED'}")
-    print(
-        f"(peak RSS limit = RSS after imports {rss_after_imports:.0f} MB + 1.1 x model {model_bytes / 2**20:.0f} MiB)"
-    )
 
 
 if __name__ == "__main__":
