@@ -8,7 +8,7 @@ EXAMPLE_MODEL ?= .example-model
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: help runtime-venv venv sam-venv checkov-venv serve example-model demo-model test lint typecheck pytest emulate bench bench-device bench-dtype bench-coldstart bench-load bench-llamacpp llamacpp-venv clean
+.PHONY: help runtime-venv venv sam-venv checkov-venv serve example-model demo-model test lint typecheck pytest emulate bench bench-device bench-dtype bench-coldstart bench-load bench-llamacpp llamacpp-venv runai-venv clean
 
 help:
 	@echo "make serve      run the API on $(HOST):$(PORT) (the built-in SmolLM2-135M-Instruct if MODEL_PATH is unset)"
@@ -92,6 +92,20 @@ $(LLAMACPP_VENV)/.installed:
 
 llamacpp-venv: $(LLAMACPP_VENV)/.installed
 
+# Benchmark only (issue 13), never a project dependency: Run:ai Model Streamer, the S3 loader a vLLM user
+# picks, for `make bench-coldstart`; the project itself (-e .) gives it the same transformers, and torch
+# stays pinned to the project's CPU build.
+RUNAI_VENV ?= .venv-runai
+RUNAI_VERSION ?= 0.17.1
+$(RUNAI_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(RUNAI_VENV)
+	$(RUNAI_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(RUNAI_VENV)/bin/python -m pip install --quiet torch==2.13.0 -e . \
+		runai-model-streamer==$(RUNAI_VERSION) runai-model-streamer-s3==$(RUNAI_VERSION)
+	touch $@
+
+runai-venv: $(RUNAI_VENV)/.installed
+
 $(DEMO_MODEL)/config.json: $(BIN)/.installed-runtime
 	$(BIN)/python -m function demo-model $(DEMO_MODEL)
 
@@ -150,11 +164,11 @@ bench-dtype: venv
 bench-load: venv
 	$(BIN)/python -m benchmarks.load $(BENCH_ARGS)
 
-bench-coldstart: venv sam-venv
-	SAM_VENV=$(SAM_VENV) $(BIN)/python -m benchmarks.coldstart
+bench-coldstart: venv sam-venv runai-venv
+	SAM_VENV=$(SAM_VENV) RUNAI_VENV=$(RUNAI_VENV) $(BIN)/python -m benchmarks.coldstart $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(SAM_VENV) $(CHECKOV_VENV) $(LLAMACPP_VENV) .bench-gguf $(DEMO_MODEL) $(EXAMPLE_MODEL) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(SAM_VENV) $(CHECKOV_VENV) $(LLAMACPP_VENV) $(RUNAI_VENV) .bench-gguf $(DEMO_MODEL) $(EXAMPLE_MODEL) .pytest_cache .mypy_cache .ruff_cache
 # SnapStart, emulated: the INIT once (weights straight into memory), the snapshot point a fork, each restored
 # environment behind the real emulator. MODEL_DIR=... publishes that model instead of a demo one.
 emulate-snapstart: venv sam-venv
