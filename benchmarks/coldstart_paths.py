@@ -30,6 +30,7 @@ import json  # noqa: E402
 import resource  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -190,7 +191,12 @@ def runai(uri: str, out: str, dtype_name: str) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    paths = {"ours": ours, "imports": imports, "common": common, "runai": runai}
+    paths: dict[str, Callable[..., dict[str, Any]]] = {
+        "ours": ours,
+        "imports": imports,
+        "common": common,
+        "runai": runai,
+    }
     if not argv or argv[0] not in paths:
         print(f"usage: python -m benchmarks.coldstart_paths {'|'.join(paths)} [ARGS]", file=sys.stderr)
         return 2
