@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="load_in_8bit",
         action="store_true",
         default=None,
-        help="8-bit weights through bitsandbytes (default: LOAD_IN_8BIT)",
+        help="8-bit weights: torchao int8 on CPU, bitsandbytes on CUDA (default: LOAD_IN_8BIT)",
     )
     quant.add_argument(
         "--load_in_4bit",
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="load_in_4bit",
         action="store_true",
         default=None,
-        help="4-bit NF4 weights through bitsandbytes (default: LOAD_IN_4BIT)",
+        help="4-bit weights: torchao int4 on CPU, bitsandbytes NF4 on CUDA (default: LOAD_IN_4BIT)",
     )
     serve.add_argument("--reload", action="store_true", help="restart on code changes (development)")
     serve.add_argument("--log-level", default=None, help="log level (default: LOG_LEVEL or INFO)")

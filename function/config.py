@@ -55,14 +55,22 @@ class Settings(BaseSettings):
     # Engine.
     cpu_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         default="auto",
-        description="dtype on CPU. auto: bfloat16 when the CPU has native bf16 and the model is big enough "
-        "for it to be faster (see cpu_bf16_min_parameters), else float32.",
+        description="dtype on CPU. auto: bfloat16 when the CPU has native bf16 (avx512_bf16, amx_bf16) and "
+        "the model is big enough for it to be faster (cpu_bf16_min_parameters), else float32. /model_info "
+        "says which and why.",
     )
     cpu_bf16_min_parameters: int = Field(
         default=8_000_000,
         ge=0,
         description="With cpu_dtype=auto, models below this size stay float32 (bf16 measured slower there).",
     )
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="torch's intra-op threads. Default: OMP_NUM_THREADS when set; else on Lambda the vCPUs "
+        "its memory size gives (1,769 MB each, up to 6); else the physical cores this process may run on.",
+    )
+    omp_num_threads: int | None = Field(default=None, ge=1, description="The standard OpenMP variable.")
     model_cache_dir: Path = Field(
         default=Path(tempfile.gettempdir()) / "llm-function" / "models",
         description="Where s3:// models are cached (on Lambda: under /tmp, sized by ephemeral storage).",
@@ -188,6 +196,9 @@ class Settings(BaseSettings):
     )
     # Set by the Lambda runtime: tells the code it runs on Lambda.
     aws_lambda_function_name: str | None = None
+    aws_lambda_function_memory_size: int | None = Field(
+        default=None, ge=1, description="Set by Lambda: the function's memory in MB (its vCPUs follow it)."
+    )
 
     @field_validator("api_keys", "admin_api_keys", "allowed_model_paths", mode="before")
     @classmethod

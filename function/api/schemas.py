@@ -12,7 +12,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
-from function.engine.types import FinishReason, HealthState, Quantization, SamplingParams
+from function.engine.types import (
+    FinishReason,
+    HealthState,
+    Quantization,
+    QuantizationBackend,
+    SamplingParams,
+)
 
 
 def _not_blank(value: str) -> str:
@@ -254,7 +260,14 @@ class ModelInfoResponse(BaseModel):
     memory_note: str = Field(description="What the memory figures mean on this device.")
     model_memory: str = Field(description="Bytes held by the model's parameters and buffers.")
     dtype: str
+    dtype_reason: str = Field(
+        description="Why this dtype: CPU_DTYPE, or what auto found (the CPU, the model)."
+    )
     quantization: Quantization
+    quantization_backend: QuantizationBackend | None = Field(
+        description="What runs load_in_8bit / load_in_4bit: torchao on CPU, bitsandbytes on CUDA; else null."
+    )
+    threads: int = Field(description="torch's intra-op CPU threads (TORCH_THREADS, or the vCPUs found).")
     parameter_count: int
     context_length: int
     chat_template: bool = Field(description="Whether /chat uses the tokenizer's chat template.")

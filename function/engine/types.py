@@ -12,6 +12,7 @@ from typing import Literal
 
 FinishReason = Literal["stop", "length", "time"]
 Quantization = Literal["none", "8bit", "4bit"]
+QuantizationBackend = Literal["torchao", "bitsandbytes"]  # torchao on CPU, bitsandbytes on CUDA
 HealthState = Literal["healthy", "loading", "unhealthy"]
 
 # Below this, sampling is argmax in all but name, and dividing logits by it overflows: decode greedily.

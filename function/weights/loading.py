@@ -12,12 +12,11 @@ import time
 import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from function.config import Settings, enforce_hub_offline
-from function.engine.types import Quantization
+from function.engine.types import Quantization, QuantizationBackend
 from function.errors import InvalidRequestError, ModelLoadError
 from function.weights.checkpoint import (
     check_checkpoint,
@@ -25,12 +24,23 @@ from function.weights.checkpoint import (
     loading_problem,
     read_checkpoint,
 )
+from function.weights.cpu import (
+    DtypeChoice,
+    choose_cpu_dtype,
+    configure_threads,
+    quiet_torchao_import,
+)
+from function.weights.cpu import (
+    cpu_has_native_bf16 as cpu_has_native_bf16,  # re-exported: callers import it from here
+)
 from function.weights.fetcher import FetchResult
+from function.weights.footprint import model_bytes
 from function.weights.resolve import TOKENIZER_FILES
 from function.weights.sources import ModelSources, PathCheck, resolve_sources
 
 logger = logging.getLogger(__name__)
 enforce_hub_offline()  # before transformers (imported inside the functions below) reads it
+quiet_torchao_import()  # transformers imports torchao whenever it loads a model
 
 # What loading a model imports. transformers imports most of these lazily on first use (about 2 s
 # on the first from_pretrained); the Lambda entry imports them up front, while the weights download.
@@ -69,9 +79,13 @@ class LoadedModel:
     adapter: str | None = None  # MODEL_PATH's adapter, applied to every request
     adapter_merged: bool = False  # ... merged into the base's weights
     base_path: str | None = None  # the base model, when MODEL_PATH is an adapter
+    dtype_reason: str = ""  # why this dtype (CPU_DTYPE, the CPU, the model's width)
+    quantization_backend: QuantizationBackend | None = None
+    threads: int = 0  # torch's intra-op threads when it was loaded
 
     def memory_bytes(self) -> int:
-        return int(self.model.get_memory_footprint())
+        """What the parameters and buffers hold (quantized tensors by their real size)."""
+        return model_bytes(self.model)
 
 
 def import_runtime() -> None:
@@ -88,41 +102,46 @@ def quantization_from_flags(load_in_8bit: bool, load_in_4bit: bool) -> Quantizat
     return "8bit" if load_in_8bit else "4bit" if load_in_4bit else "none"
 
 
+def quantization_backend(quantization: Quantization, device: str) -> QuantizationBackend | None:
+    """8-bit and 4-bit run on torchao's CPU path on CPU (bitsandbytes' is measured slower there,
+    docs/benchmarks.md), and on bitsandbytes on CUDA."""
+    if quantization == "none":
+        return None
+    return "torchao" if device == "cpu" else "bitsandbytes"
+
+
 def pick_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@lru_cache(maxsize=1)
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs with bf16 instructions (AVX512-BF16 or AMX), read from /proc/cpuinfo."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
-
-
-def choose_dtype(device: str, checkpoint_dtype: Any, parameters: int, settings: Settings) -> Any:
-    """CUDA: the checkpoint's half dtype. CPU: fp32, or bf16 where native and measured faster."""
+def choose_dtype(device: str, config: Any, parameters: int, settings: Settings) -> DtypeChoice:
+    """CUDA: the checkpoint's half dtype. CPU: `choose_cpu_dtype` (float32 unless bfloat16 wins)."""
     import torch
 
     if device == "cuda":
+        checkpoint_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
         if checkpoint_dtype in (torch.bfloat16, torch.float16):
-            return checkpoint_dtype
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if settings.cpu_dtype == "float32":
-        return torch.float32
-    if settings.cpu_dtype == "bfloat16":
-        return torch.bfloat16
-    use_bf16 = cpu_has_native_bf16() and parameters >= settings.cpu_bf16_min_parameters
-    return torch.bfloat16 if use_bf16 else torch.float32
+            return DtypeChoice(checkpoint_dtype, f"{_name(checkpoint_dtype)}: the checkpoint's dtype")
+        if torch.cuda.is_bf16_supported():
+            return DtypeChoice(torch.bfloat16, "bfloat16: a float32 checkpoint, on a GPU with bfloat16")
+        return DtypeChoice(torch.float16, "float16: a float32 checkpoint, on a GPU without bfloat16")
+    return choose_cpu_dtype(parameters, settings)
 
 
-def _quantization_config(quantization: Quantization, compute_dtype: Any) -> Any:
-    if quantization == "none":
+def _name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _quantization_config(quantization: Quantization, compute_dtype: Any, device: str) -> Any:
+    backend = quantization_backend(quantization, device)
+    if backend is None:
         return None
+    if backend == "torchao":
+        from function.weights.cpu_quantization import torchao_config
+
+        return torchao_config(quantization)
     from transformers import BitsAndBytesConfig
 
     if quantization == "8bit":
@@ -184,8 +203,14 @@ def load_model(
         in_memory=settings.fetch_into_memory,
     )
     started = time.perf_counter()
+    threads = configure_threads(settings)
+    backend = quantization_backend(quantization, device)
     try:
         loaded = _from_pretrained(sources, quantization, settings, device)
+        if backend == "torchao":  # transformers quantizes the linear layers; the embeddings are left
+            from function.weights.cpu_quantization import quantize_embeddings
+
+            quantize_embeddings(loaded[0], quantization)
     except ModelLoadError:
         raise
     except Exception as exc:  # transformers, torch and bitsandbytes raise many types; none may escape raw
@@ -201,15 +226,18 @@ def load_model(
             "the model could not be loaded: " + safe_reason(exc, sources.base.local_dir), field="model_path"
         ) from exc
     load_seconds = time.perf_counter() - started
-    model, tokenizer, dtype, context_length, parameters, merged = loaded
+    model, tokenizer, choice, context_length, parameters, merged = loaded
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
         name=sources.name,
         path=model_path,
         device=device,
-        dtype=str(dtype).removeprefix("torch."),
+        dtype=_name(choice.dtype),
+        dtype_reason=choice.reason,
         quantization=quantization,
+        quantization_backend=backend,
+        threads=threads,
         parameter_count=parameters,
         context_length=context_length,
         chat_template=bool(settings.use_chat_template and getattr(tokenizer, "chat_template", None)),
@@ -248,10 +276,10 @@ def _from_pretrained(
     check_checkpoint(config, checkpoint, settings)  # before anything is allocated
     tokenizer = AutoTokenizer.from_pretrained(_tokenizer_dir(sources), **offline)
     parameters = checkpoint.parameters
-    checkpoint_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    dtype = choose_dtype(device, checkpoint_dtype, parameters, settings)
+    choice = choose_dtype(device, config, parameters, settings)
+    dtype = choice.dtype
     kwargs: dict[str, Any] = {**offline, "use_safetensors": True, "dtype": dtype}
-    quantization_config = _quantization_config(quantization, dtype)
+    quantization_config = _quantization_config(quantization, dtype, device)
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = {"": device}
@@ -276,4 +304,4 @@ def _from_pretrained(
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer, dtype, _context_length(config, tokenizer, settings), parameters, merged
+    return model, tokenizer, choice, _context_length(config, tokenizer, settings), parameters, merged

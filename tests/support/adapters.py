@@ -6,6 +6,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from function.engine.types import Quantization
+
 
 def build_lora_adapter(base_dir: Path, out_dir: Path, *, seed: int = 0, base_name: str | None = None) -> Path:
     """A LoRA adapter over `base_dir`, saved as peft saves it. `init_lora_weights=False` gives it random
@@ -45,19 +47,26 @@ def peft_greedy_text(
     *,
     adapter: str | None = None,
     merge: bool = False,
-    quantization_config: Any = None,
+    quantization: Quantization = "none",
 ) -> str:
     """peft's own greedy answer in process: the base with `adapters` attached, the one named `adapter`
-    active (None: the base, through peft's "__base__")."""
+    active (None: the base, through peft's "__base__"). `quantization`: the base quantized on CPU as the
+    engine does it (torchao)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     kwargs: dict[str, Any] = {"dtype": torch.float32}
-    if quantization_config is not None:
-        kwargs.update(quantization_config=quantization_config, device_map={"": "cpu"})
+    if quantization != "none":
+        from function.weights.cpu_quantization import torchao_config
+
+        kwargs.update(quantization_config=torchao_config(quantization), device_map={"": "cpu"})
     base = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
+    if quantization != "none":
+        from function.weights.cpu_quantization import quantize_embeddings
+
+        quantize_embeddings(base, quantization)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         (first, first_dir), *rest = adapters.items()

@@ -184,6 +184,8 @@ def test_model_info(client: TestClient, demo_model_dir: Path) -> None:
     assert info["gpu_memory_allocated"] == "0.00 GB" and info["gpu_memory_reserved"] == "0.00 GB"
     assert "cpu" in info["memory_note"]
     assert info["dtype"] == "float32" and info["quantization"] == "none"
+    assert info["dtype_reason"] == "float32: CPU_DTYPE=float32" and info["quantization_backend"] is None
+    assert info["threads"] >= 1
     assert info["parameter_count"] > 100_000 and info["context_length"] == 2048
     assert info["model_memory"].endswith("MB")
     assert info["load_timings"]["total_s"] >= info["load_timings"]["load_s"] > 0
@@ -209,6 +211,21 @@ def test_load_model_swaps_and_a_failed_load_keeps_the_old(
         client.post("/generate", json={"prompt": "a", "max_new_tokens": 2}).json()["model_name"]
         == "other_model"
     )
+
+
+def test_model_info_says_why_the_auto_dtype_and_which_backend_quantizes(other_model_dir: Path) -> None:
+    # GIVEN CPU_DTYPE=auto, and a 4-bit model loaded through /load_model on this CPU
+    engine = Engine(make_settings(cpu_dtype="auto"))
+    client = TestClient(create_app(engine.settings, engine))
+    params = {"model_path": str(other_model_dir), "load_in_4bit": True}
+    assert client.post("/load_model", params=params).status_code == 200
+
+    info = client.get("/model_info").json()
+
+    # THEN /model_info names the dtype auto chose and why, and torchao as the 4-bit backend
+    assert info["quantization"] == "4bit" and info["quantization_backend"] == "torchao"
+    assert info["dtype_reason"].startswith(info["dtype"] + ": ")
+    assert "CPU_DTYPE=" not in info["dtype_reason"]  # auto's own reason: the CPU or the model's width
 
 
 def test_load_model_refuses_both_quantizations(client: TestClient, demo_model_dir: Path) -> None:

@@ -289,7 +289,7 @@ def test_swaps_under_a_stream_of_requests(demo_model_dir: Path, other_model_dir:
         assert text == expected[name]
 
 
-@pytest.mark.parametrize(("quantization", "layer_class"), [("8bit", "Linear8bitLt"), ("4bit", "Linear4bit")])
+@pytest.mark.parametrize(("quantization", "layer_class"), [("8bit", "Int8Linear"), ("4bit", "Int4Linear")])
 def test_quantized_loads_work_on_cpu(demo_model_dir: Path, quantization: str, layer_class: str) -> None:
     engine = Engine(make_settings())
     loaded, _ = engine.load(str(demo_model_dir), quantization)  # type: ignore[arg-type]

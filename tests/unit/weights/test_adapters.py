@@ -44,8 +44,6 @@ def test_an_adapter_as_model_path_is_merged_and_answers_as_peft_does(
 def test_an_adapter_over_a_quantized_base_stays_unmerged_and_answers_as_peft_does(
     demo_model_dir: Path, adapter_dir: Path
 ) -> None:
-    from transformers import BitsAndBytesConfig
-
     engine = Engine(make_settings(model_path=str(adapter_dir), load_in_8bit=True))
 
     engine.load_startup_model()
@@ -60,7 +58,7 @@ def test_an_adapter_over_a_quantized_base_stays_unmerged_and_answers_as_peft_doe
         PROMPT,
         TOKENS,
         adapter="default",
-        quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+        quantization="8bit",
     )
     assert answer == expected
 

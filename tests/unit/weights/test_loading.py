@@ -11,6 +11,7 @@ from function.errors import InvalidRequestError
 from function.weights.loading import (
     choose_dtype,
     cpu_has_native_bf16,
+    quantization_backend,
     quantization_from_flags,
     safe_reason,
 )
@@ -25,23 +26,31 @@ def test_quantization_flags() -> None:
         quantization_from_flags(True, True)
 
 
+def test_quantization_backend_is_torchao_on_cpu_and_bitsandbytes_on_cuda() -> None:
+    assert quantization_backend("none", "cpu") is None and quantization_backend("none", "cuda") is None
+    assert quantization_backend("8bit", "cpu") == quantization_backend("4bit", "cpu") == "torchao"
+    assert quantization_backend("8bit", "cuda") == quantization_backend("4bit", "cuda") == "bitsandbytes"
+
+
 def test_cuda_keeps_the_checkpoints_half_dtype() -> None:
+    from transformers import LlamaConfig
+
     settings = make_settings()
-    assert choose_dtype("cuda", torch.bfloat16, 10, settings) is torch.bfloat16
-    assert choose_dtype("cuda", torch.float16, 10, settings) is torch.float16
+    for dtype in (torch.bfloat16, torch.float16):
+        choice = choose_dtype("cuda", LlamaConfig(dtype=dtype), 10, settings)
+        assert choice.dtype is dtype and choice.reason.endswith("the checkpoint's dtype")
 
 
-def test_cpu_dtype_settings() -> None:
-    assert choose_dtype("cpu", torch.bfloat16, 10**9, make_settings(cpu_dtype="float32")) is torch.float32
-    assert choose_dtype("cpu", torch.float32, 10, make_settings(cpu_dtype="bfloat16")) is torch.bfloat16
+def test_cpu_dtype_follows_the_setting_and_the_models_size() -> None:
+    from transformers import LlamaConfig
 
-
-def test_cpu_auto_uses_bf16_only_when_native_and_the_model_is_big_enough() -> None:
-    settings = make_settings(cpu_dtype="auto", cpu_bf16_min_parameters=1000)
-
-    assert choose_dtype("cpu", torch.bfloat16, 999, settings) is torch.float32
+    config = LlamaConfig()
+    assert choose_dtype("cpu", config, 10**9, make_settings(cpu_dtype="float32")).dtype is torch.float32
+    assert choose_dtype("cpu", config, 10, make_settings(cpu_dtype="bfloat16")).dtype is torch.bfloat16
+    auto = make_settings(cpu_dtype="auto", cpu_bf16_min_parameters=1000)
+    assert choose_dtype("cpu", config, 999, auto).dtype is torch.float32
     expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-    assert choose_dtype("cpu", torch.bfloat16, 1000, settings) is expected
+    assert choose_dtype("cpu", config, 1000, auto).dtype is expected
 
 
 def test_safe_reason_strips_paths() -> None:

@@ -1,0 +1,132 @@
+"""What the CPU we run on decides: the dtype of a CPU model, and how many threads torch uses.
+
+The dtype rule, measured (`make bench-dtype`, docs/benchmarks.md): on a CPU with native bf16 dot
+products (AVX512-BF16 or AMX), bfloat16 decodes 1.7-2.6x faster than float32 at batch 1 on real
+architectures from SmolLM2-135M (deep and narrow: 30 layers, width 576) to Llama-3.2-1B, and
+slower only on toy models of a few million parameters, where per-operation overhead dominates.
+Without native bf16 the conversions cost more than the halved weight traffic saves: float32.
+The price of bfloat16: greedy requests are micro-batched only in float32 (the engine's exactness
+policy), so a server under many concurrent greedy requests may prefer CPU_DTYPE=float32.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from function.config import Settings
+
+logger = logging.getLogger(__name__)
+
+LAMBDA_MB_PER_VCPU = 1769  # Lambda: one vCPU's worth of CPU at 1,769 MB of memory
+LAMBDA_MAX_VCPUS = 6  # at 10,240 MB
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    """The dtype a model is served in, and why (shown in /model_info)."""
+
+    dtype: Any  # a torch.dtype
+    reason: str
+
+
+@lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 instructions (AVX512-BF16 or AMX), read from /proc/cpuinfo."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def choose_cpu_dtype(parameters: int, settings: Settings) -> DtypeChoice:
+    """CPU_DTYPE, with auto resolved by `auto_cpu_dtype` for this CPU."""
+    import torch
+
+    if settings.cpu_dtype == "float32":
+        return DtypeChoice(torch.float32, "float32: CPU_DTYPE=float32")
+    if settings.cpu_dtype == "bfloat16":
+        return DtypeChoice(torch.bfloat16, "bfloat16: CPU_DTYPE=bfloat16")
+    return auto_cpu_dtype(cpu_has_native_bf16(), parameters, settings.cpu_bf16_min_parameters)
+
+
+def auto_cpu_dtype(native_bf16: bool, parameters: int, minimum: int) -> DtypeChoice:
+    """bfloat16 with native bf16 and at least `minimum` parameters; else float32 (module doc)."""
+    import torch
+
+    if not native_bf16:
+        return DtypeChoice(torch.float32, "float32: this CPU has no native bfloat16 (avx512_bf16, amx_bf16)")
+    if parameters < minimum:
+        return DtypeChoice(
+            torch.float32,
+            f"float32: {parameters:,} parameters < CPU_BF16_MIN_PARAMETERS={minimum:,}, too small for "
+            "bfloat16 to be faster",
+        )
+    return DtypeChoice(
+        torch.bfloat16,
+        f"bfloat16: this CPU has native bfloat16 and {parameters:,} parameters >= "
+        f"CPU_BF16_MIN_PARAMETERS={minimum:,}",
+    )
+
+
+def quiet_torchao_import() -> None:
+    """torchao's PyPI wheel carries CUDA kernels only: on import it warns that each fails to load,
+    and torch warns about its enum registrations. Neither matters on CPU (its kernels here are
+    PyTorch's own) and transformers imports torchao for every model load: keep them out of the log."""
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
+
+def lambda_vcpus(memory_mb: int) -> int:
+    """The vCPUs Lambda gives a function of `memory_mb` (1,769 MB each, rounded, 1 to 6)."""
+    return max(1, min(LAMBDA_MAX_VCPUS, math.floor(memory_mb / LAMBDA_MB_PER_VCPU + 0.5)))
+
+
+def usable_cpus() -> set[int]:
+    """The CPUs this process may run on (its affinity mask, which a container's cpuset narrows)."""
+    try:
+        return os.sched_getaffinity(0)
+    except (AttributeError, OSError):  # not on Linux
+        return set(range(os.cpu_count() or 1))
+
+
+def usable_cores(cpus: set[int]) -> int:
+    """The physical cores among `cpus`: hyperthread siblings share one core's matmul units, so one
+    thread per core is what torch's own default picks too. The CPU count where sysfs can't tell."""
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add((topology / "physical_package_id").read_text() + (topology / "core_id").read_text())
+        except OSError:
+            return len(cpus)
+    return len(cores) or len(cpus)
+
+
+def thread_count(settings: Settings) -> int:
+    """TORCH_THREADS (or OMP_NUM_THREADS); else on Lambda its vCPUs (from the memory size), within
+    the CPUs it shows; else the physical cores this process may run on."""
+    if settings.torch_threads or settings.omp_num_threads:
+        return settings.torch_threads or settings.omp_num_threads or 1
+    cpus = usable_cpus()
+    if settings.aws_lambda_function_memory_size:
+        return min(len(cpus), lambda_vcpus(settings.aws_lambda_function_memory_size))
+    return usable_cores(cpus)
+
+
+def configure_threads(settings: Settings) -> int:
+    """Set torch's intra-op threads to `thread_count`; returns it."""
+    import torch
+
+    threads = thread_count(settings)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+        logger.info("torch intra-op threads: %d", threads)
+    return threads
