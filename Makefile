@@ -8,7 +8,7 @@ EXAMPLE_MODEL ?= .example-model
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: help runtime-venv venv sam-venv checkov-venv serve example-model demo-model test lint typecheck pytest emulate bench bench-device bench-dtype bench-coldstart bench-load bench-llamacpp llamacpp-venv runai-venv clean
+.PHONY: help runtime-venv venv sam-venv checkov-venv serve example-model demo-model test lint typecheck pytest emulate emulate-snapstart bench bench-device bench-dtype bench-coldstart bench-load bench-llamacpp llamacpp-venv runai-venv clean
 
 help:
 	@echo "make serve      run the API on $(HOST):$(PORT) (the built-in SmolLM2-135M-Instruct if MODEL_PATH is unset)"
@@ -143,6 +143,12 @@ pytest: venv sam-venv checkov-venv
 emulate: venv sam-venv
 	SAM_VENV=$(SAM_VENV) $(BIN)/python -m tests.integration.emulate $(if $(KEEP),--keep,)
 
+# SnapStart, emulated: the INIT once (weights straight into memory), the snapshot point a fork, each restored
+# environment behind the real emulator. MODEL_DIR=... publishes that model instead of a demo one.
+emulate-snapstart: venv sam-venv
+	SAM_VENV=$(SAM_VENV) $(BIN)/python -m tests.integration.emulate_snapstart \
+		$(if $(MODEL_DIR),--model-dir $(MODEL_DIR),) $(if $(KEEP),--keep,)
+
 test: lint typecheck pytest
 
 # Figures side by side in one run, each against its target (issue 7). BENCH_ARGS: see --help.
@@ -174,9 +180,3 @@ bench-coldstart: venv sam-venv runai-venv
 
 clean:
 	rm -rf $(VENV) $(SAM_VENV) $(CHECKOV_VENV) $(LLAMACPP_VENV) $(RUNAI_VENV) .bench-gguf $(DEMO_MODEL) $(EXAMPLE_MODEL) .pytest_cache .mypy_cache .ruff_cache
-# SnapStart, emulated: the INIT once (weights straight into memory), the snapshot point a fork, each restored
-# environment behind the real emulator. MODEL_DIR=... publishes that model instead of a demo one.
-emulate-snapstart: venv sam-venv
-	SAM_VENV=$(SAM_VENV) $(BIN)/python -m tests.integration.emulate_snapstart \
-		$(if $(MODEL_DIR),--model-dir $(MODEL_DIR),) $(if $(KEEP),--keep,)
-

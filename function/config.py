@@ -81,10 +81,11 @@ class Settings(BaseSettings):
         "model_cache_dir cache (false). auto: memory under Lambda SnapStart (its /tmp is at most 512 MB and "
         "the snapshot holds the memory anyway), the disk cache elsewhere (it survives environment resets).",
     )
-    warm_up: bool = Field(
-        default=True,
-        description="One short generation right after the start-up model loads (before a SnapStart "
-        "snapshot), so the first request does not pay for first-call work (and a TORCH_COMPILE compile).",
+    warm_up: Literal["auto", "true", "false"] = Field(
+        default="auto",
+        description="One short generation right after the start-up model loads, so the first request "
+        "does not pay for first-call work. auto: in server mode and in a SnapStart INIT (before the "
+        "snapshot), not in an on-demand Lambda INIT, whose 10 s limit it would bring closer.",
     )
     aws_lambda_initialization_type: str | None = Field(
         default=None,
@@ -245,6 +246,13 @@ class Settings(BaseSettings):
     def snap_start(self) -> bool:
         """This INIT is a SnapStart one: it ends in a snapshot that restored environments share."""
         return self.aws_lambda_initialization_type == "snap-start"
+
+    @property
+    def warms_up(self) -> bool:
+        """WARM_UP, with auto resolved."""
+        if self.warm_up != "auto":
+            return self.warm_up == "true"
+        return not self.on_lambda or self.snap_start
 
     @property
     def fetch_into_memory(self) -> bool:

@@ -212,7 +212,10 @@ class ColdStart(BaseModel):
     """Start-up phases of this process (an execution environment on Lambda)."""
 
     imports_s: float | None = Field(description="Importing the app, torch and transformers (Lambda entry).")
-    rss_after_imports_mb: float | None = Field(description="Resident memory once imports were done.")
+    rss_after_imports_mb: float | None = Field(
+        description="Resident memory once imports were done (with WEIGHTS_IN_MEMORY it includes the weights "
+        "fetched so far: the fetch runs during the imports)."
+    )
     ready_s: float | None = Field(
         description="From the entry point's start to the model ready (phases overlap)."
     )

@@ -100,7 +100,7 @@ class StartupLoading:
             self._startup_error = exc.message
             logger.error("start-up model load failed: %s", exc.message)
             return
-        if self.settings.warm_up:
+        if self.settings.warms_up:
             self.warm_up()
 
     def warm_up(self: EngineState) -> float | None:

@@ -14,7 +14,9 @@ The Runtime Interface Emulator answers `/restore/next` with 404: it cannot snaps
 
 What a fork cannot show: the restore's own cost (Lambda pages the snapshot in from its cache; AWS
 documents it), and anything that differs between machines. Threads don't survive a fork (they do a
-real restore): the engine's and torch's pools are rebuilt on demand in the child.
+real restore): torch's intra-op pool is rebuilt on demand in the child, but torch inductor's compile
+pool is not (a TORCH_COMPILE child would hang on its first compile; the function ignores
+TORCH_COMPILE on Lambda, and benchmarks set TORCHINDUCTOR_COMPILE_THREADS=1).
 """
 
 from __future__ import annotations

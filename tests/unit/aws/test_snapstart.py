@@ -105,7 +105,7 @@ def test_before_the_snapshot_the_model_is_warm_and_no_s3_connection_stays_open(
         client = s3_client()
         client.list_buckets()
         assert [peer for peer in established_tcp() if peer.endswith(f":{port}")]
-        settings = make_settings(model_path=str(demo_model_dir), warm_up=False)
+        settings = make_settings(model_path=str(demo_model_dir), warm_up="false")
         engine = Engine(settings)
         engine.load_startup_model()
         assert (engine.cold_start() or {})["warm_up_s"] is None

@@ -33,9 +33,18 @@ def test_compiled_decoding_answers_as_eager_does(demo_model_dir: Path) -> None:
     assert not hasattr(eager.current.model, "_compiled_call")
 
 
-def test_compile_is_ignored_on_lambda(demo_model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("initialization", [None, "on-demand", "snap-start"])
+def test_compile_is_ignored_on_lambda_snapstart_included(
+    demo_model_dir: Path, caplog: pytest.LogCaptureFixture, initialization: str | None
+) -> None:
+    # Under SnapStart too: the INIT's compile did not cover users' lengths (measured, README SnapStart)
     engine = Engine(
-        make_settings(model_path=str(demo_model_dir), torch_compile=True, aws_lambda_function_name="fn")
+        make_settings(
+            model_path=str(demo_model_dir),
+            torch_compile=True,
+            aws_lambda_function_name="fn",
+            aws_lambda_initialization_type=initialization,
+        )
     )
 
     assert not engine.compiled

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import mmap
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,16 @@ from safetensors.torch import load_file, save_file
 from function.errors import ModelLoadError
 from function.weights.fetcher import RemoteFile
 from function.weights.loading import load_model
-from function.weights.memory import InMemoryWeights, MemoryFetcher, WeightFile, anonymous_memory, parse_header
+from function.weights.memory import (
+    InMemoryWeights,
+    MemoryFetcher,
+    WeightFile,
+    anonymous_memory,
+    parse_header,
+    prefetch_into_memory,
+)
 from function.weights.s3 import s3_client
+from function.weights.sources import resolve_sources
 from tests.support.s3 import upload_model
 from tests.support.settings import make_settings
 
@@ -179,3 +188,22 @@ def memory_file(tmp_path: Path, tensors: dict[str, torch.Tensor]) -> InMemoryWei
     buffer = anonymous_memory(len(data))
     buffer[:] = data
     return InMemoryWeights({"w.safetensors": WeightFile("w.safetensors", buffer)})
+
+
+def test_the_fetch_time_is_the_downloads_not_the_wait_for_a_prefetch(
+    s3: Any, demo_model_dir: Path, tmp_path: Path
+) -> None:
+    # GIVEN a model fetched into memory by a prefetch (as the Lambda entry starts it before its imports)
+    upload_model(s3, BUCKET, "m/", demo_model_dir)
+    uri = f"s3://{BUCKET}/m/"
+    prefetch_into_memory(uri, tmp_path)
+    time.sleep(1.0)  # the entry's imports
+
+    # WHEN the load resolves it (the prefetch is done by now: the resolution itself is quick)
+    sources = resolve_sources(uri, tmp_path, in_memory=True)
+
+    # THEN the reported fetch is the download's own time and rate, not the resolution's short wait
+    fetched = sources.fetch()
+    assert fetched is not None and fetched.in_memory and sources.base.fetch is not None
+    assert fetched.seconds == sources.base.fetch.seconds
+    assert fetched.seconds > sources.seconds
