@@ -2,12 +2,12 @@
 
 On the example model (SmolLM2-135M-Instruct, `make example-model`): float32 and bfloat16;
 bitsandbytes 8-bit and 4-bit NF4 (what `--load_in_8bit` / `--load_in_4bit` ran on CPU before);
-torchao int8 and int4 as `function/weights/cpu_quantization.py` loads them (what the flags run on
-CPU now), and the same with a bfloat16 model around the quantized layers. Greedy, batch 1: decode
-tokens/s from the first new token to the last (the prompt's prefill is not counted). The variants
-take turns, round after round; the median round is
-printed, and the best one (the least disturbed by other work on the machine). Memory: the bytes of
-every parameter and buffer (torchao tensors by their inner tensors), against the bfloat16 model.
+torchao int8 and int4 as the loader builds them with `CPU_DTYPE=auto` (what the flags run on CPU
+now: a float32 model around the quantized layers), and the same with a bfloat16 model around
+them. Greedy, batch 1: decode tokens/s from the first new token to the last (the prompt's prefill
+is not counted). The variants take turns, round after round; the median round is printed, and
+the best one (the least disturbed by other work on the machine). Memory: the bytes of every
+parameter and buffer (torchao tensors by their inner tensors), against the bfloat16 model.
 Prints; asserts nothing. Run: `make bench-quant`.
 """
 

@@ -7,6 +7,8 @@ slower only on toy models of a few million parameters, where per-operation overh
 Without native bf16 the conversions cost more than the halved weight traffic saves: float32.
 The price of bfloat16: greedy requests are micro-batched only in float32 (the engine's exactness
 policy), so a server under many concurrent greedy requests may prefer CPU_DTYPE=float32.
+A model quantized on CPU (torchao) stays float32 around its int8/int4 layers, which compute in
+bfloat16 themselves: measured 2-3 % faster than a bfloat16 model around them, at the same memory.
 """
 
 from __future__ import annotations
@@ -46,14 +48,19 @@ def cpu_has_native_bf16() -> bool:
     return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
 
 
-def choose_cpu_dtype(parameters: int, settings: Settings) -> DtypeChoice:
-    """CPU_DTYPE, with auto resolved by `auto_cpu_dtype` for this CPU."""
+def choose_cpu_dtype(parameters: int, settings: Settings, *, quantized: bool = False) -> DtypeChoice:
+    """CPU_DTYPE, with auto resolved by `auto_cpu_dtype` for this CPU (float32 around quantized layers)."""
     import torch
 
     if settings.cpu_dtype == "float32":
         return DtypeChoice(torch.float32, "float32: CPU_DTYPE=float32")
     if settings.cpu_dtype == "bfloat16":
         return DtypeChoice(torch.bfloat16, "bfloat16: CPU_DTYPE=bfloat16")
+    if quantized:
+        return DtypeChoice(
+            torch.float32,
+            "float32: around int8/int4 layers, which compute in bfloat16 (measured faster than bfloat16)",
+        )
     return auto_cpu_dtype(cpu_has_native_bf16(), parameters, settings.cpu_bf16_min_parameters)
 
 

@@ -116,7 +116,9 @@ def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def choose_dtype(device: str, config: Any, parameters: int, settings: Settings) -> DtypeChoice:
+def choose_dtype(
+    device: str, config: Any, parameters: int, settings: Settings, quantization: Quantization = "none"
+) -> DtypeChoice:
     """CUDA: the checkpoint's half dtype. CPU: `choose_cpu_dtype` (float32 unless bfloat16 wins)."""
     import torch
 
@@ -127,7 +129,7 @@ def choose_dtype(device: str, config: Any, parameters: int, settings: Settings) 
         if torch.cuda.is_bf16_supported():
             return DtypeChoice(torch.bfloat16, "bfloat16: a float32 checkpoint, on a GPU with bfloat16")
         return DtypeChoice(torch.float16, "float16: a float32 checkpoint, on a GPU without bfloat16")
-    return choose_cpu_dtype(parameters, settings)
+    return choose_cpu_dtype(parameters, settings, quantized=quantization != "none")
 
 
 def _name(dtype: Any) -> str:
@@ -276,7 +278,7 @@ def _from_pretrained(
     check_checkpoint(config, checkpoint, settings)  # before anything is allocated
     tokenizer = AutoTokenizer.from_pretrained(_tokenizer_dir(sources), **offline)
     parameters = checkpoint.parameters
-    choice = choose_dtype(device, config, parameters, settings)
+    choice = choose_dtype(device, config, parameters, settings, quantization)
     dtype = choice.dtype
     kwargs: dict[str, Any] = {**offline, "use_safetensors": True, "dtype": dtype}
     quantization_config = _quantization_config(quantization, dtype, device)

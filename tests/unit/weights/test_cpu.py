@@ -53,6 +53,14 @@ def test_explicit_cpu_dtype_wins_and_says_so() -> None:
     assert choice.dtype is torch.float32 and choice.reason == "float32: CPU_DTYPE=float32"
 
 
+def test_auto_keeps_float32_around_quantized_layers() -> None:
+    choice = choose_cpu_dtype(10**9, make_settings(cpu_dtype="auto"), quantized=True)
+
+    assert choice.dtype is torch.float32 and choice.reason.startswith("float32: around int8/int4 layers")
+    explicit = choose_cpu_dtype(10**9, make_settings(cpu_dtype="bfloat16"), quantized=True)
+    assert explicit.dtype is torch.bfloat16
+
+
 def test_auto_follows_this_cpu_and_the_setting() -> None:
     settings = make_settings(cpu_dtype="auto", cpu_bf16_min_parameters=1000)
 
