@@ -1,19 +1,20 @@
 """`--load_in_8bit` / `--load_in_4bit` on CPU: weight-only int8 / int4 with PyTorch's own CPU kernels.
 
-bitsandbytes' CPU path decodes slower than float32 (docs/benchmarks.md); CUDA keeps it. Here the
-flags go through transformers' `TorchAoConfig` with a torchao config of our own (torchao's
-extension point), which quantizes each linear layer as its weight is loaded: int8 per output row
-(torchao's `Int8Tensor`, multiplied by `torch._weight_int8pack_mm`), or int4 in groups (torchao's
-`Int4OpaqueTensor`, PyTorch's `_weight_int4pack_mm_for_cpu`). Both kernels are fast in bfloat16
-only (float32 activations measured 20-50x slower), so activations are cast to bfloat16 around the
-matmul and back: the rest of the model keeps the dtype the loader chose.
+bitsandbytes' CPU path decodes at float32's pace (8-bit) or bfloat16's (4-bit); this one at about
+3x float32 (docs/benchmarks.md). CUDA keeps bitsandbytes. Here the flags go through transformers'
+`TorchAoConfig` with a torchao config of our own (torchao's extension point), which quantizes each
+linear layer as its weight is loaded: int8 per output row (torchao's `Int8Tensor`, multiplied by
+`torch._weight_int8pack_mm`), or int4 in groups (torchao's `Int4OpaqueTensor`, PyTorch's
+`_weight_int4pack_mm_for_cpu`). Both kernels are fast in bfloat16 only (float32 activations
+measured 6-190x slower at batch 1), so activations are cast to bfloat16 around the matmul and back:
+the rest of the model keeps the dtype the loader chose.
 
 transformers leaves both embeddings out; `quantize_embeddings` does them after the load: the
 output one (`lm_head`, untied from the input one) is on a small model the largest matmul of a
 decode step (SmolLM2-135M: 28M of its 135M parameters), and the input one's rows are int8 or
 packed int4, dequantized per looked-up token.
 
-Imported only when a quantized CPU load asks for it: it imports torchao.
+Imported only when a quantized CPU load asks for it (it registers a torchao handler).
 """
 
 from __future__ import annotations
