@@ -16,6 +16,7 @@ import torch
 from moto import mock_aws
 from safetensors.torch import load_file, save_file
 
+from function.engine.types import Quantization
 from function.errors import ModelLoadError
 from function.weights.fetcher import RemoteFile
 from function.weights.loading import load_model
@@ -162,8 +163,9 @@ def test_a_malformed_safetensors_header_is_a_clear_error(header: bytes) -> None:
         parse_header("w.safetensors", header + bytes(16))
 
 
+@pytest.mark.parametrize("quantization", ["none", "8bit"])
 def test_a_model_loaded_from_memory_answers_as_the_one_loaded_from_disk(
-    s3: Any, demo_model_dir: Path, tmp_path: Path
+    s3: Any, demo_model_dir: Path, tmp_path: Path, quantization: Quantization
 ) -> None:
     upload_model(s3, BUCKET, "m/", demo_model_dir)
     uri = f"s3://{BUCKET}/m/"
@@ -171,7 +173,7 @@ def test_a_model_loaded_from_memory_answers_as_the_one_loaded_from_disk(
     answers = {}
     for mode in ("true", "false"):
         settings = make_settings(model_cache_dir=tmp_path / mode, weights_in_memory=mode, cpu_dtype="float32")
-        loaded = load_model(uri, "none", settings, "cpu")
+        loaded = load_model(uri, quantization, settings, "cpu")
         ids = loaded.tokenizer("Hello there", return_tensors="pt")
         output = loaded.model.generate(**ids, max_new_tokens=8, do_sample=False)
         answers[mode] = (output.tolist(), loaded.fetch.in_memory if loaded.fetch else None)
