@@ -21,7 +21,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -267,8 +267,26 @@ class ModelFetcher:
     def _download_range(
         self, remote: RemoteFile, *, target: Path, first: int, last: int, reservation: Reservation
     ) -> None:
-        """GET one byte range into place; a stream cut mid-body is retried from its start."""
+        """GET one byte range into its place in the `.part` file."""
         path = _partial_path(target, remote)
+
+        def write(body: Any) -> int:
+            with open(path, "r+b") as handle:
+                handle.seek(first)
+                written = 0
+                for chunk in iter(partial(body.read, 1024 * 1024), b""):
+                    self._write_chunk(handle, chunk)
+                    SPACE.written(reservation, len(chunk))
+                    written += len(chunk)
+            return written
+
+        self._get_range(remote, first, last, write)
+
+    def _get_range(self, remote: RemoteFile, first: int, last: int, consume: Callable[[Any], int]) -> None:
+        """GET one byte range (the whole object when `last < first`) and hand its body to `consume`, which
+        returns the bytes it took. A stream cut mid-body is retried from the range's start; a body of
+        another length than asked is an error."""
+        expected = (last - first + 1) if last >= first else remote.size
         for attempt in range(STREAM_ATTEMPTS):
             try:
                 # If-Match: every part comes from the same object version, or the fetch fails clearly.
@@ -276,17 +294,10 @@ class ModelFetcher:
                 if last >= first:
                     extra["Range"] = f"bytes={first}-{last}"
                 body = self.client.get_object(Bucket=remote.bucket, Key=remote.key, **extra)["Body"]
-                with open(path, "r+b") as handle:
-                    handle.seek(first)
-                    written = 0
-                    for chunk in iter(partial(body.read, 1024 * 1024), b""):
-                        self._write_chunk(handle, chunk)
-                        SPACE.written(reservation, len(chunk))
-                        written += len(chunk)
-                expected = (last - first + 1) if last >= first else remote.size
-                if written != expected:
+                received = consume(body)
+                if received != expected:
                     raise ModelLoadError(
-                        f"{remote.name}: S3 returned {written} bytes where {expected} were "
+                        f"{remote.name}: S3 returned {received} bytes where {expected} were "
                         "expected (truncated object)",
                         field="model_path",
                     )

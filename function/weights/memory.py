@@ -26,9 +26,9 @@ from typing import Any
 
 from function.errors import ModelLoadError
 from function.weights.checkpoint import WEIGHTS_INDEX_NAME, Checkpoint
-from function.weights.fetcher import STREAM_ATTEMPTS, FetchResult, ModelFetcher, RemoteFile
+from function.weights.fetcher import FetchResult, ModelFetcher, RemoteFile
 from function.weights.integrity import Manifest, verify_bytes
-from function.weights.s3 import S3Location, client_error_code
+from function.weights.s3 import S3Location
 
 MEMORY_CACHE_DIR = "in-memory"  # beside the disk cache: its directories hold no weights
 READ_SIZE = 1024 * 1024
@@ -247,35 +247,18 @@ class MemoryFetcher(ModelFetcher):
         return super()._manifest(location, self._listing or files)
 
     def _read_range(self, remote: RemoteFile, buffer: mmap.mmap, first: int, last: int) -> None:
-        """GET one byte range into its place in the buffer; a stream cut mid-body is retried."""
+        """GET one byte range straight into its place in the buffer (`ModelFetcher._get_range` retries)."""
         with memoryview(buffer) as view:
-            self._read_range_into(remote, view, first, last)
 
-    def _read_range_into(self, remote: RemoteFile, view: memoryview, first: int, last: int) -> None:
-        for attempt in range(STREAM_ATTEMPTS):
-            try:
-                extra: dict[str, Any] = {"IfMatch": f'"{remote.etag}"'} if remote.etag else {}
-                if last >= first:
-                    extra["Range"] = f"bytes={first}-{last}"
-                body = self.client.get_object(Bucket=remote.bucket, Key=remote.key, **extra)["Body"]
+            def read(body: Any) -> int:
                 position = _read_into(body, view, first, last + 1)
                 if getattr(body, "_raw_stream", body).read(1):
                     raise ModelLoadError(
                         f"{remote.name}: S3 returned more bytes than the range asked", field="model_path"
                     )
-                if position != last + 1:
-                    raise ModelLoadError(
-                        f"{remote.name}: S3 returned {position - first} bytes where {last - first + 1} were "
-                        "expected (truncated object)",
-                        field="model_path",
-                    )
-                return
-            except ModelLoadError:
-                raise
-            except Exception as exc:
-                if client_error_code(exc) or attempt == STREAM_ATTEMPTS - 1:
-                    raise
-                time.sleep(min(2.0, 0.1 * 2**attempt))
+                return position - first
+
+            self._get_range(remote, first, last, read)
 
     def _verify_in_memory(self, remote: RemoteFile, buffer: mmap.mmap, manifest: Manifest | None) -> None:
         head = (

@@ -209,3 +209,65 @@ def test_the_fetch_time_is_the_downloads_not_the_wait_for_a_prefetch(
     assert fetched is not None and fetched.in_memory and sources.base.fetch is not None
     assert fetched.seconds == sources.base.fetch.seconds
     assert fetched.seconds > sources.seconds
+
+
+class CutStream:
+    """A response body that delivers `limit` bytes of the real one, then fails as a reset connection would
+    (`fail=True`) or ends early (`fail=False`)."""
+
+    def __init__(self, body: Any, limit: int, *, fail: bool) -> None:
+        self._raw_stream = self
+        self.body, self.left, self.fail = body, limit, fail
+
+    def readinto(self, view: memoryview) -> int:
+        if self.left <= 0:
+            if self.fail:
+                raise ConnectionResetError("connection reset mid-body")
+            return 0
+        data = self.body.read(min(len(view), self.left))
+        view[: len(data)] = data
+        self.left -= len(data)
+        return len(data)
+
+    def read(self, amount: int = -1) -> bytes:
+        buffer = bytearray(max(amount, 1))
+        return bytes(buffer[: self.readinto(memoryview(buffer))])
+
+
+def cutting(client: Any, *, times: int, fail: bool) -> Any:
+    """`client`, whose first `times` ranged GETs of a safetensors file are cut after 1,000 bytes."""
+    real = client.get_object
+    cuts = [0]
+
+    def get_object(**kwargs: Any) -> Any:
+        response = real(**kwargs)
+        if kwargs["Key"].endswith(".safetensors") and cuts[0] < times:
+            cuts[0] += 1
+            response["Body"] = CutStream(response["Body"], 1000, fail=fail)
+        return response
+
+    client.get_object = get_object
+    return client
+
+
+def test_a_stream_cut_mid_body_is_read_again_into_the_same_place(
+    s3: Any, demo_model_dir: Path, tmp_path: Path
+) -> None:
+    upload_model(s3, BUCKET, "m/", demo_model_dir)
+    fetcher = MemoryFetcher(tmp_path / "cache", cutting(s3, times=2, fail=True), part_size=256 * 1024)
+
+    fetcher.fetch(f"s3://{BUCKET}/m/")  # verified against the manifest, so every byte is right
+
+    original = load_file(demo_model_dir / "model.safetensors")
+    state = fetcher.weights.state_dict(lambda name, stored: None)
+    assert all(torch.equal(state[name], original[name]) for name in original)
+
+
+def test_a_body_shorter_than_its_range_is_refused(s3: Any, demo_model_dir: Path, tmp_path: Path) -> None:
+    upload_model(s3, BUCKET, "m/", demo_model_dir)
+    fetcher = MemoryFetcher(tmp_path / "cache", cutting(s3, times=1, fail=False))
+
+    with pytest.raises(
+        ModelLoadError, match=r"model\.safetensors: S3 returned 1000 bytes where \d+ were expected"
+    ):
+        fetcher.fetch(f"s3://{BUCKET}/m/")
