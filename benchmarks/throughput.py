@@ -131,6 +131,20 @@ def decode_speed(engine: Engine, new_tokens: int, repeats: int) -> tuple[float, 
     return statistics.median(engine_rates), statistics.median(plain_rates)
 
 
+def wait_for_health(process: subprocess.Popen[bytes], url: str, timeout: float, name: str) -> None:
+    """Until `url`/health answers 200; an exit or the timeout first is an error naming `name`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{name} did not start (exit {process.returncode})")
+        try:
+            if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.2)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -154,16 +168,7 @@ def server(model_dir: Path, **environment: str) -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not start (exit {process.returncode})")
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.2)
+        wait_for_health(process, url, 300, "the server")
         yield url
     finally:
         os.killpg(process.pid, signal.SIGTERM)
