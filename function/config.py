@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 CommaList = Annotated[list[str], NoDecode]
 NamedPaths = Annotated[dict[str, str], NoDecode]
+MAX_THREADS = 256  # torch intra-op threads: TORCH_THREADS and OMP_NUM_THREADS are bounded by it
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 DEFAULT_INSTRUCTION_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -67,10 +68,15 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         default=None,
         ge=1,
+        le=MAX_THREADS,
         description="torch's intra-op threads. Default: OMP_NUM_THREADS when set; else on Lambda the vCPUs "
         "its memory size gives (1,769 MB each, up to 6); else the physical cores this process may run on.",
     )
-    omp_num_threads: int | None = Field(default=None, ge=1, description="The standard OpenMP variable.")
+    omp_num_threads: str | None = Field(
+        default=None,
+        description='The standard OpenMP variable: its first number counts ("4,2" nests; 4 is ours), '
+        f"capped at {MAX_THREADS}; anything else is ignored.",
+    )
     model_cache_dir: Path = Field(
         default=Path(tempfile.gettempdir()) / "llm-function" / "models",
         description="Where s3:// models are cached (on Lambda: under /tmp, sized by ephemeral storage).",

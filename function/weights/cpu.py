@@ -22,7 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from function.config import Settings
+from function.config import MAX_THREADS, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -117,11 +117,23 @@ def usable_cores(cpus: set[int]) -> int:
     return len(cores) or len(cpus)
 
 
+def openmp_threads(value: str | None) -> int | None:
+    """OMP_NUM_THREADS's first number (it may list one per nesting level: "4,2"), at most MAX_THREADS;
+    None when it holds no positive number (OpenMP ignores such a value too)."""
+    first = (value or "").split(",")[0].strip()
+    if not first.isdigit() or int(first) < 1:
+        return None
+    return min(int(first), MAX_THREADS)
+
+
 def thread_count(settings: Settings) -> int:
     """TORCH_THREADS (or OMP_NUM_THREADS); else on Lambda its vCPUs (from the memory size), within
     the CPUs it shows; else the physical cores this process may run on."""
-    if settings.torch_threads or settings.omp_num_threads:
-        return settings.torch_threads or settings.omp_num_threads or 1
+    if settings.torch_threads:
+        return settings.torch_threads
+    omp = openmp_threads(settings.omp_num_threads)
+    if omp:
+        return omp
     cpus = usable_cpus()
     if settings.aws_lambda_function_memory_size:
         return min(len(cpus), lambda_vcpus(settings.aws_lambda_function_memory_size))

@@ -7,14 +7,16 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from pydantic import ValidationError
 
-from function.config import Settings
+from function.config import MAX_THREADS, Settings
 from function.weights.cpu import (
     auto_cpu_dtype,
     choose_cpu_dtype,
     configure_threads,
     cpu_has_native_bf16,
     lambda_vcpus,
+    openmp_threads,
     thread_count,
     usable_cores,
     usable_cpus,
@@ -93,12 +95,29 @@ def settings_outside_lambda(**values: object) -> Settings:
 
 def test_thread_count_prefers_the_settings_then_lambda_then_the_cores() -> None:
     assert thread_count(settings_outside_lambda(torch_threads=3)) == 3
-    assert thread_count(settings_outside_lambda(omp_num_threads=5)) == 5
-    assert thread_count(settings_outside_lambda(torch_threads=2, omp_num_threads=5)) == 2
+    assert thread_count(settings_outside_lambda(omp_num_threads="5")) == 5
+    assert thread_count(settings_outside_lambda(torch_threads=2, omp_num_threads="5")) == 2
     assert thread_count(settings_outside_lambda(aws_lambda_function_memory_size=1769)) == 1
     on_big_lambda = thread_count(settings_outside_lambda(aws_lambda_function_memory_size=10240))
     assert on_big_lambda == min(6, len(usable_cpus()))
     assert thread_count(settings_outside_lambda()) == usable_cores(usable_cpus())
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("4,2", 4), (" 3 ", 3), ("100000", MAX_THREADS), ("0", None), ("many", None), ("", None), (None, None)],
+)
+def test_omp_num_threads_counts_its_first_number_bounded_and_ignores_the_rest(
+    value: str | None, expected: int | None
+) -> None:
+    assert openmp_threads(value) == expected
+    if expected is None:  # falls through to the cores, rather than failing the start
+        assert thread_count(settings_outside_lambda(omp_num_threads=value)) == usable_cores(usable_cpus())
+
+
+def test_torch_threads_is_bounded() -> None:
+    with pytest.raises(ValidationError, match="less than or equal to 256"):
+        make_settings(torch_threads=100_000)
 
 
 @pytest.fixture
