@@ -11,13 +11,23 @@ from function.config import Settings
 
 logger = logging.getLogger(__name__)
 
+SECRET_CLIENT_LIMITS: dict[str, Any] = {
+    "connect_timeout": 2,
+    "read_timeout": 2,
+    "retries": {"max_attempts": 2, "mode": "standard"},
+}
+SECRET_READ_BUDGET_S = 8  # measured 6 s against an endpoint that never answers
+
 
 def keys_from_secret(secret_arn: str, client: Any | None = None) -> tuple[list[str], list[str]]:
     """Read `{"api_keys": …, "admin_api_keys": …}` (lists or comma-separated strings) from Secrets Manager."""
     if client is None:
         import boto3
+        from botocore.config import Config
 
-        own = boto3.client("secretsmanager")
+        # Bounded: the read runs inside Lambda's 10 s INIT and its 10 s after-restore limit (SnapStart);
+        # an unreachable endpoint fails closed within SECRET_READ_BUDGET_S instead of botocore's minutes.
+        own = boto3.client("secretsmanager", config=Config(**SECRET_CLIENT_LIMITS))
         try:  # closed after the one read: no connection stays open (and none goes into a SnapStart snapshot)
             return keys_from_secret(secret_arn, own)
         finally:

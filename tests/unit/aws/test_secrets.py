@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ from fastapi.testclient import TestClient
 from moto import mock_aws
 
 from function.api.factory import create_app
-from function.aws.secrets import with_secret_keys
+from function.aws.secrets import SECRET_READ_BUDGET_S, with_secret_keys
 from function.engine.engine import Engine
 from tests.support.settings import make_settings
 
@@ -51,3 +53,22 @@ def test_an_unreadable_secret_fails_closed(secrets: Any) -> None:
         headers = {"X-API-Key": key} if key is not None else {}
         assert client.post("/generate", json={"prompt": "x"}, headers=headers).status_code == 401
     assert client.post("/load_model", params={"model_path": "/x"}).status_code == 403
+
+
+def test_an_unanswering_secrets_endpoint_fails_closed_within_the_budget(
+    aws_credentials: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN an endpoint that takes the connection and never answers (inside the 10 s INIT or restore)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        monkeypatch.setenv("AWS_ENDPOINT_URL_SECRETS_MANAGER", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        settings = make_settings(api_keys_secret_arn="arn:aws:secretsmanager:us-east-1:1:secret:keys")
+
+        started = time.monotonic()
+        read = with_secret_keys(settings)
+        elapsed = time.monotonic() - started
+
+    # THEN it gives up within its budget (botocore's defaults wait minutes) and every key is refused
+    assert elapsed < SECRET_READ_BUDGET_S + 1
+    assert read.auth_enabled and "anything" not in read.api_keys + read.admin_api_keys
