@@ -30,6 +30,7 @@ from function.engine.startup import StartupLoading
 from function.engine.streamed import generate_streamed
 from function.engine.streaming import TextStream
 from function.engine.telemetry import ColdStartTelemetry
+from function.engine.torch_thread import in_own_thread, on_generation_thread
 from function.engine.types import (
     Cancellation,
     Completion,
@@ -149,11 +150,10 @@ class Engine(StartupLoading):
         if not self._load_lock.acquire(blocking=False):
             raise ModelLoadInProgressError("a model load is already running; retry when it has finished")
         try:
-            new = load_model(
+            new = in_own_thread(
+                self._load_model,
                 model_path,
                 quantization,
-                self.settings,
-                self.device,
                 base_model_path=base_model_path,
                 adapters=adapters,
                 check_path=check_path,
@@ -167,6 +167,26 @@ class Engine(StartupLoading):
             "model loaded: %s (%s, %s, %.2fs)", new.name, new.dtype, new.quantization, new.load_seconds
         )
         return new, previous
+
+    def _load_model(
+        self,
+        model_path: str,
+        quantization: Quantization,
+        *,
+        base_model_path: str | None,
+        adapters: dict[str, str] | None,
+        check_path: Callable[[str], None] | None,
+    ) -> LoadedModel:
+        """The load itself."""
+        return load_model(
+            model_path,
+            quantization,
+            self.settings,
+            self.device,
+            base_model_path=base_model_path,
+            adapters=adapters,
+            check_path=check_path,
+        )
 
     @property
     def allowed_model_paths(self) -> list[str]:
@@ -342,7 +362,8 @@ class Engine(StartupLoading):
                 indices, done = live[done : done + len(call)], done + len(call)
                 started = time.perf_counter()
                 on_first_token = self.telemetry.first_token_recorder(started)
-                rows = run_batch(
+                rows = on_generation_thread(
+                    run_batch,
                     loaded,
                     call,
                     on_first_token,

@@ -109,6 +109,7 @@ class StartupLoading:
         model is loaded. A failure is logged, never raised: the model still serves."""
         from function.engine.generation import run_batch
         from function.engine.limits import encode_prompt
+        from function.engine.torch_thread import on_generation_thread
 
         loaded = self.current
         if loaded is None:
@@ -119,7 +120,9 @@ class StartupLoading:
                 loaded, WARM_UP_PROMPT, WARM_UP_PARAMS, self.settings, add_special_tokens=True
             )
             with self._generate_lock:
-                run_batch(loaded, [(encoded, WARM_UP_PARAMS)], None, compiled=self.compiled)
+                on_generation_thread(
+                    run_batch, loaded, [(encoded, WARM_UP_PARAMS)], None, compiled=self.compiled
+                )
         except Exception:  # a warm-up is an optimisation: its failure must not take the model down
             logger.exception("warm-up generation failed; the first request will pay the first-call costs")
             return None

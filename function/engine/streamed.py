@@ -30,6 +30,7 @@ def generate_streamed(
     from transformers import TextIteratorStreamer
 
     from function.engine.generation import run_generation
+    from function.engine.torch_thread import on_generation_thread
 
     streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
     outcome: dict[str, Any] = {}
@@ -41,8 +42,14 @@ def generate_streamed(
                     streamer.end()
                     return
                 started = time.perf_counter()
-                outcome["result"] = run_generation(
-                    loaded, encoded, params, streamer=streamer, compiled=compiled, cancel=cancel
+                outcome["result"] = on_generation_thread(
+                    run_generation,
+                    loaded,
+                    encoded,
+                    params,
+                    streamer=streamer,
+                    compiled=compiled,
+                    cancel=cancel,
                 )
                 outcome["seconds"] = time.perf_counter() - started
         except BaseException as exc:  # surfaced to the reader below
