@@ -122,6 +122,13 @@ class Settings(BaseSettings):
         "rounding depends on the batch's shape, and a greedy answer could differ from the unbatched one "
         "where two tokens nearly tie. Sampled requests without a seed batch regardless.",
     )
+    decoder: Literal["auto", "transformers"] = Field(
+        default="auto",
+        description="auto: on CPU, Llama-family models (llama, mistral, qwen2) decode with our own forward "
+        "pass and oneDNN-packed linear layers (docs/benchmarks.md: about 3x transformers' generate); other "
+        "models, GPUs, per-request adapters and TORCH_COMPILE use transformers. transformers: always "
+        "transformers' generate. /model_info says which and why.",
+    )
     torch_compile: bool = Field(
         default=False,
         description="Server mode: decode with a static KV cache and a torch.compile'd forward. Each new "

@@ -198,6 +198,8 @@ def model_info(engine: EngineDep) -> ModelInfoResponse:
         quantization=loaded.quantization,
         quantization_backend=loaded.quantization_backend,
         threads=loaded.threads,
+        decoder="ours" if loaded.decoder is not None else "transformers",
+        decoder_reason=loaded.decoder_reason,
         parameter_count=loaded.parameter_count,
         context_length=loaded.context_length,
         chat_template=loaded.chat_template,

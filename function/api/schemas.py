@@ -271,6 +271,11 @@ class ModelInfoResponse(BaseModel):
         description="What runs load_in_8bit / load_in_4bit: torchao on CPU, bitsandbytes on CUDA; else null."
     )
     threads: int = Field(description="torch's intra-op CPU threads (TORCH_THREADS, or the vCPUs found).")
+    decoder: Literal["ours", "transformers"] = Field(
+        description="What decodes: ours (CPU, Llama-family; oneDNN-packed, fused matmuls) or "
+        "transformers' generate."
+    )
+    decoder_reason: str = Field(description="Why that decoder (DECODER, the device, the model, adapters).")
     parameter_count: int
     context_length: int
     chat_template: bool = Field(description="Whether /chat uses the tokenizer's chat template.")

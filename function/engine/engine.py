@@ -177,8 +177,10 @@ class Engine(StartupLoading):
         adapters: dict[str, str] | None,
         check_path: Callable[[str], None] | None,
     ) -> LoadedModel:
-        """The load itself."""
-        return load_model(
+        """The load itself, then our decoder where it can run the model (function.engine.decoder)."""
+        from function.engine.decoder import attach_decoder
+
+        loaded = load_model(
             model_path,
             quantization,
             self.settings,
@@ -187,6 +189,7 @@ class Engine(StartupLoading):
             adapters=adapters,
             check_path=check_path,
         )
+        return attach_decoder(loaded, self.settings.decoder, compiled=self.compiled)
 
     @property
     def allowed_model_paths(self) -> list[str]:

@@ -142,14 +142,28 @@ def run_batch(
         extra["adapter_names"] = [group.adapter or BASE_ADAPTER_NAME] * (len(items) * copies)
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # bitsandbytes warns about input casts on every call
-        output = loaded.model.generate(
-            input_ids=input_ids.to(loaded.device),
-            attention_mask=attention_mask.to(loaded.device),
-            generation_config=generation_config(loaded, group, max_new_tokens=max(limits), compiled=compiled),
-            tokenizer=loaded.tokenizer,
-            logits_processor=LogitsProcessorList(processors),
-            **extra,
-        )
+        config = generation_config(loaded, group, max_new_tokens=max(limits), compiled=compiled)
+        if loaded.decoder is not None:
+            from function.engine.decode_loop import decode
+
+            output = decode(
+                loaded.decoder,
+                input_ids,
+                attention_mask,
+                config,
+                LogitsProcessorList(processors),
+                extra.get("stopping_criteria"),
+                streamer,
+            )
+        else:
+            output = loaded.model.generate(
+                input_ids=input_ids.to(loaded.device),
+                attention_mask=attention_mask.to(loaded.device),
+                generation_config=config,
+                tokenizer=loaded.tokenizer,
+                logits_processor=LogitsProcessorList(processors),
+                **extra,
+            )
     rows = output.tolist()
     eos_ids = eos_token_ids(loaded)
     results: list[RowResult] = []

@@ -82,6 +82,8 @@ class LoadedModel:
     dtype_reason: str = ""  # why this dtype (CPU_DTYPE, the CPU, the model's width)
     quantization_backend: QuantizationBackend | None = None
     threads: int = 0  # torch's intra-op threads when it was loaded
+    decoder: Any = None  # function.engine.decoder.Decoder, when ours decodes this model
+    decoder_reason: str = ""  # which decoder, and why
 
     def memory_bytes(self) -> int:
         """What the parameters and buffers hold (quantized tensors by their real size)."""

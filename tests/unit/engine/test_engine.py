@@ -289,14 +289,26 @@ def test_swaps_under_a_stream_of_requests(demo_model_dir: Path, other_model_dir:
         assert text == expected[name]
 
 
-@pytest.mark.parametrize(("quantization", "layer_class"), [("8bit", "Int8Linear"), ("4bit", "Int4Linear")])
-def test_quantized_loads_work_on_cpu(demo_model_dir: Path, quantization: str, layer_class: str) -> None:
-    engine = Engine(make_settings())
+@pytest.mark.parametrize(
+    ("quantization", "decoder", "layer_class"),
+    [
+        ("8bit", "transformers", "Int8Linear"),
+        ("4bit", "transformers", "Int4Linear"),
+        # Our decoder fuses them: q/k/v and gate/up as one int8 / int4 matmul each.
+        ("8bit", "auto", "Int8Projection"),
+        ("4bit", "auto", "Int4Projection"),
+    ],
+)
+def test_quantized_loads_work_on_cpu(
+    demo_model_dir: Path, quantization: str, decoder: str, layer_class: str
+) -> None:
+    engine = Engine(make_settings(decoder=decoder))
     loaded, _ = engine.load(str(demo_model_dir), quantization)  # type: ignore[arg-type]
 
     assert loaded.quantization == quantization
     layers = {type(module).__name__ for module in loaded.model.modules()}
     assert layer_class in layers
+    assert "Linear" not in layers  # nothing left unquantized
     result = engine.generate("Python이란?", GREEDY)
     assert result.completion_tokens > 0
 

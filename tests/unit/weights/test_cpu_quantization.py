@@ -48,8 +48,9 @@ def test_int4_group_size_is_the_coarsest_the_kernel_takes() -> None:
 def test_every_linear_layer_and_both_embeddings_are_quantized_on_cpu(
     demo_model_dir: Path, quantization: Quantization
 ) -> None:
-    # WHEN the demo model loads with a quantization flag on CPU
-    engine, loaded = load(demo_model_dir, quantization)
+    # WHEN the demo model loads with a quantization flag on CPU (transformers' layers as loaded: our
+    # decoder fuses them, tests/unit/engine/test_decoder.py)
+    engine, loaded = load(demo_model_dir, quantization, decoder="transformers")
 
     # THEN torchao's path holds every linear layer, the output embedding and the input embedding
     assert loaded.quantization == quantization and loaded.quantization_backend == "torchao"
@@ -89,7 +90,7 @@ def test_4bit_memory_is_at_most_035_of_16bit(demo_model_dir: Path) -> None:
 
 
 def test_model_bytes_count_torchao_tensors_by_what_they_hold(demo_model_dir: Path) -> None:
-    _, four_bit = load(demo_model_dir, "4bit")
+    _, four_bit = load(demo_model_dir, "4bit", decoder="transformers")
     layer = four_bit.model.get_output_embeddings()
 
     # get_memory_footprint counts an int4 weight at its nominal bfloat16 size; the packed codes are 1/4

@@ -1,0 +1,179 @@
+"""Our CPU decoder (function.engine.decoder) against transformers on the same weights: the same greedy
+tokens in float32, close logits in bfloat16, GQA, biases and tied embeddings, left padding, int8/int4
+layers fused; and when transformers decodes instead, with the reason."""
+
+from __future__ import annotations
+
+import copy
+import mmap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from function.engine.decode_loop import decode
+from function.engine.decoder import Decoder, fuse_model, unsupported_reason
+from function.engine.engine import Engine
+from function.engine.projections import PackedProjection, ProjectionSlice, release_pages
+from function.engine.types import SamplingParams
+from tests.support.settings import make_settings
+
+GREEDY = SamplingParams(max_new_tokens=12, temperature=0)
+SHAPE: dict[str, Any] = {
+    "vocab_size": 96,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,  # grouped-query attention: 2 query heads per key head
+    "max_position_embeddings": 128,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+}
+
+
+def tiny(kind: str, dtype: torch.dtype = torch.float32) -> Any:
+    torch.manual_seed(0)
+    if kind == "llama":  # tied embeddings, as SmolLM2's
+        model = LlamaForCausalLM(LlamaConfig(**SHAPE, tie_word_embeddings=True))
+    else:  # qwen2: biases on q, k and v
+        model = Qwen2ForCausalLM(Qwen2Config(**SHAPE, tie_word_embeddings=False))
+    with torch.no_grad():  # random weights this small give flat logits: sharpen them so argmaxes don't tie
+        model.lm_head.weight.mul_(8)
+    return model.to(dtype).eval()
+
+
+def greedy_config(new_tokens: int) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=1)
+
+
+def ours(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, new_tokens: int
+) -> list[list[int]]:
+    fused = copy.deepcopy(model)
+    fuse_model(fused)
+    with torch.inference_mode():
+        output = decode(Decoder(fused), input_ids, attention_mask, greedy_config(new_tokens), [])
+    return output[:, input_ids.shape[1] :].tolist()
+
+
+def theirs(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, new_tokens: int
+) -> list[list[int]]:
+    with torch.inference_mode():
+        output = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=greedy_config(new_tokens)
+        )
+    return output[:, input_ids.shape[1] :].tolist()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_greedy_tokens_equal_transformers_in_float32(kind: str) -> None:
+    model = tiny(kind)
+    input_ids = torch.tensor([[5, 17, 42, 8, 33, 2, 71]])
+    mask = torch.ones_like(input_ids)
+
+    assert ours(model, input_ids, mask, 24) == theirs(model, input_ids, mask, 24)
+
+
+def test_left_padded_rows_equal_transformers_batch() -> None:
+    model = tiny("llama")
+    input_ids = torch.tensor([[0, 0, 0, 9, 4, 77], [3, 14, 15, 92, 65, 35]])
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+
+    assert ours(model, input_ids, mask, 16) == theirs(model, input_ids, mask, 16)
+
+
+def test_bfloat16_logits_stay_close_to_transformers() -> None:
+    model = tiny("llama", torch.bfloat16)
+    fused = copy.deepcopy(model)
+    fuse_model(fused)
+    decoder = Decoder(fused)
+    input_ids = torch.tensor([[5, 17, 42, 8, 33, 2, 71, 6]])
+    with torch.inference_mode():
+        expected = model(input_ids=input_ids).logits[0, -1].float()
+        cache = decoder.new_cache(1, 16)
+        actual = decoder.forward(input_ids, torch.arange(8)[None], cache, 0, None)[0].float()
+        # and one decoded token after the prompt, from the cache
+        expected_next = model(input_ids=torch.cat((input_ids, torch.tensor([[9]])), 1)).logits[0, -1].float()
+        actual_next = decoder.forward(torch.tensor([[9]]), torch.tensor([[8]]), cache, 8, None)[0].float()
+
+    for want, got in ((expected, actual), (expected_next, actual_next)):
+        assert ((got - want).norm() / want.norm()) < 0.02
+
+
+def test_fused_model_still_runs_in_transformers_and_shares_its_weights() -> None:
+    model = tiny("llama")
+    fused = copy.deepcopy(model)
+    fuse_model(fused)
+    attention = fused.model.layers[0].self_attn
+    input_ids = torch.tensor([[5, 17, 42, 8]])
+
+    # q, k and v are slices of one packed matmul: one weight, held once
+    assert {type(attention.q_proj), type(attention.k_proj), type(attention.v_proj)} == {ProjectionSlice}
+    assert attention.q_proj.fused is attention.v_proj.fused
+    assert isinstance(attention.q_proj.fused, PackedProjection)
+    assert sum(1 for module in fused.modules() if isinstance(module, PackedProjection)) == 2 * 4
+    # the tied output layer is left as it is: one copy of the embedding
+    assert type(fused.lm_head) is torch.nn.Linear and fused.lm_head.weight is fused.model.embed_tokens.weight
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(input_ids=input_ids).logits, model(input_ids=input_ids).logits)
+
+
+@pytest.mark.parametrize("quantization", ["8bit", "4bit"])
+def test_quantized_layers_decode_as_transformers_does(demo_model_dir: Path, quantization: Any) -> None:
+    ours_engine = Engine(make_settings())
+    theirs_engine = Engine(make_settings(decoder="transformers"))
+    ours_engine.load(str(demo_model_dir), quantization)
+    theirs_engine.load(str(demo_model_dir), quantization)
+
+    prompt = "The quick brown fox"
+    assert ours_engine.current is not None and ours_engine.current.decoder is not None
+    assert ours_engine.current.decoder_reason.startswith(f"ours: a llama model on CPU (int{quantization[0]}")
+    assert (
+        ours_engine.generate(prompt, GREEDY).continuations
+        == theirs_engine.generate(prompt, GREEDY).continuations
+    )
+
+
+def test_unsupported_models_decode_with_transformers_and_say_why() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    scaled = LlamaForCausalLM(
+        LlamaConfig(**{**SHAPE, "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}})
+    )
+
+    assert unsupported_reason(gpt2) == "model type 'gpt2' (ours covers llama, mistral, qwen2)"
+    assert unsupported_reason(scaled) == "RoPE scaling 'linear'"
+    assert unsupported_reason(tiny("llama")) is None
+
+
+def test_the_setting_and_adapters_choose_transformers(demo_model_dir: Path, adapter_dir: Path) -> None:
+    chosen = Engine(make_settings(decoder="transformers"))
+    loaded, _ = chosen.load(str(demo_model_dir))
+    with_adapters = Engine(make_settings())
+    adapted, _ = with_adapters.load(str(demo_model_dir), adapters={"sql": str(adapter_dir)})
+    default = Engine(make_settings())
+    plain, _ = default.load(str(demo_model_dir))
+
+    assert loaded.decoder is None and loaded.decoder_reason == "transformers: DECODER=transformers"
+    assert adapted.decoder is None and "adapters" in adapted.decoder_reason
+    assert plain.decoder is not None and plain.decoder_reason.startswith("ours: a llama model on CPU")
+
+
+def test_replaced_weights_give_their_pages_back_and_kept_ones_stay() -> None:
+    # Two weights side by side in one private anonymous mapping, as WEIGHTS_IN_MEMORY lays them out
+    buffer = mmap.mmap(-1, 8 * mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    values = torch.frombuffer(buffer, dtype=torch.float32)
+    values.fill_(1.5)
+    half = values.numel() // 2 + 7  # not on a page boundary: the page they share must stay
+    replaced, kept = values[:half], values[half:]
+
+    released = release_pages([replaced], keep=[kept])
+
+    assert released == 4 * mmap.PAGESIZE  # the whole pages only replaced's elements lie in
+    assert torch.all(kept == 1.5)
+    assert torch.count_nonzero(replaced) == replaced.numel() - 4 * mmap.PAGESIZE // 4
