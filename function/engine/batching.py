@@ -37,12 +37,21 @@ Runner = Callable[["LoadedModel", list[tuple[Any, SamplingParams]], list[Cancell
 
 
 def exact_batching(loaded: LoadedModel) -> bool:
-    """Whether batching leaves greedy answers unchanged on this model: float32 on the CPU, unquantized.
+    """Whether batching leaves greedy answers unchanged on this model: our decoder measured every
+    batched row bitwise as alone at load (`Decoder.calibrate`), or float32 on the CPU, unquantized.
 
-    Measured (tests/unit/engine/test_batching.py, and `make bench` on the 100M model): there a row's
-    arithmetic does not depend on the rows beside it or on its padding. In bf16 and on CUDA
-    kernels the rounding follows the batch's shape, and near-ties can flip.
+    float32 (tests/unit/engine/test_batching.py, `make bench` on the 100M model): a row's rounding
+    does depend on the batch (its matmuls differ from a one-row call in the last bits), but far
+    below what flips a greedy choice. In bf16, quantized and on CUDA, transformers' padded batches
+    changed greedy answers (2 of 8 on the 100M model in bf16): those run alone unless our decoder
+    measured its rows bitwise exact.
     """
+    decoder = loaded.decoder
+    return float32_batching(loaded) or (decoder is not None and bool(decoder.batch_exact))
+
+
+def float32_batching(loaded: LoadedModel) -> bool:
+    """float32 on the CPU, unquantized: batched greedy answers kept (see `exact_batching`)."""
     return loaded.device == "cpu" and loaded.dtype == "float32" and loaded.quantization == "none"
 
 

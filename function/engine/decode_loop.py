@@ -58,17 +58,15 @@ def decode(
     criteria.extend(stopping_criteria or [])
     pad_id = torch.tensor(config.pad_token_id if config.pad_token_id is not None else 0)
 
-    batch, width = input_ids.shape
+    batch = input_ids.shape[0]
     max_new = int(config.max_new_tokens)
-    padded = not bool(attention_mask.all())
-    key_mask = torch.cat((attention_mask.bool(), torch.ones(batch, max_new, dtype=torch.bool)), dim=1)
-    real = attention_mask.long().cumsum(dim=1)
-    positions = (real - 1).clamp(min=0)
-    cache = decoder.new_cache(batch, width + max_new)
+    # Each row without its padding: its prompt alone at columns 0.., its new tokens after it.
+    prompts = [row[mask.bool()] for row, mask in zip(input_ids, attention_mask, strict=True)]
+    cache = decoder.new_cache(batch, max(len(prompt) for prompt in prompts) + max_new)
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    logits = decoder.forward(input_ids, positions, cache, 0, key_mask if padded else None)
-    next_position = real[:, -1:]
+    logits = torch.cat([decoder.prefill_row(prompt, cache, row) for row, prompt in enumerate(prompts)])
+    positions = torch.tensor([[len(prompt)] for prompt in prompts])
     unfinished = torch.ones(batch, dtype=torch.long)
     ids = input_ids
     for step in range(max_new):
@@ -84,10 +82,12 @@ def decode(
             streamer.put(tokens.cpu())
         if unfinished.max() == 0 or step == max_new - 1:
             break
-        logits = decoder.forward(
-            tokens[:, None], next_position, cache, width + step, key_mask if padded else None
-        )
-        next_position = next_position + 1
+        if batch == 1:
+            at = int(positions[0, 0])
+            logits = decoder.forward(tokens[:, None], positions, cache, at)
+        else:
+            logits = decoder.step_rows(tokens[:, None], positions, cache)
+        positions = positions + 1
     if streamer is not None:
         streamer.end()
     return ids

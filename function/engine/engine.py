@@ -189,7 +189,16 @@ class Engine(StartupLoading):
             adapters=adapters,
             check_path=check_path,
         )
-        return attach_decoder(loaded, self.settings.decoder, compiled=self.compiled)
+        from function.engine.batching import float32_batching
+
+        # Measure exact batching where the batcher would otherwise keep greedy requests apart.
+        rows = self.settings.batch_max_size if self.batcher is not None else None
+        return attach_decoder(
+            loaded,
+            self.settings.decoder,
+            compiled=self.compiled,
+            batch_rows=None if float32_batching(loaded) else rows,
+        )
 
     @property
     def allowed_model_paths(self) -> list[str]:

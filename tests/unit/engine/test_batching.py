@@ -223,14 +223,18 @@ def test_a_request_that_runs_alone_does_not_wait_for_the_window(demo_model_dir: 
 
 
 def test_half_precision_greedy_runs_alone_unless_allowed(demo_model_dir: Path) -> None:
+    # transformers' padded batches: bf16 rows round with the batch, so greedy requests run alone
     greedy = SamplingParams(max_new_tokens=6, temperature=0)
-    strict = engine_for(demo_model_dir, cpu_dtype="bfloat16", batch_max_size=3, batch_window_ms=1000)
+    strict = engine_for(
+        demo_model_dir, cpu_dtype="bfloat16", batch_max_size=3, batch_window_ms=1000, decoder="transformers"
+    )
     allowed = engine_for(
         demo_model_dir,
         cpu_dtype="bfloat16",
         batch_max_size=3,
         batch_window_ms=1000,
         batch_reduced_precision=True,
+        decoder="transformers",
     )
     assert strict.current is not None and not exact_batching(strict.current)
 
@@ -241,6 +245,30 @@ def test_half_precision_greedy_runs_alone_unless_allowed(demo_model_dir: Path) -
 
     assert [completion.batch_size for completion in alone] == [1, 1, 1]
     assert [completion.batch_size for completion in together] == [3, 3, 3]
+
+
+@pytest.mark.parametrize("quantization", ["none", "8bit"])
+def test_our_decoder_batches_bf16_and_quantized_greedy_rows_bitwise_as_alone(
+    demo_model_dir: Path, quantization: str
+) -> None:
+    # Our decoder measured at load that batched rows round as alone (Decoder.calibrate)
+    greedy = SamplingParams(max_new_tokens=12, temperature=0)
+    batched = engine_for(demo_model_dir, cpu_dtype="bfloat16", batch_max_size=4, batch_window_ms=1000)
+    if quantization != "none":
+        batched.load(str(demo_model_dir), quantization)  # type: ignore[arg-type]
+    unbatched = engine_for(demo_model_dir, cpu_dtype="bfloat16", batch_max_size=1)
+    if quantization != "none":
+        unbatched.load(str(demo_model_dir), quantization)  # type: ignore[arg-type]
+    loaded = batched.current
+    assert loaded is not None and loaded.decoder is not None and loaded.decoder.batch_exact
+    assert exact_batching(loaded) and "bitwise as alone" in loaded.decoder_reason
+    prompts = PROMPTS[:4]  # of different lengths: each row without padding
+
+    expected = [unbatched.generate(prompt, greedy).continuations for prompt in prompts]
+    got = concurrently([lambda prompt=prompt: batched.generate(prompt, greedy) for prompt in prompts])
+
+    assert [completion.batch_size for completion in got] == [4, 4, 4, 4]
+    assert [completion.continuations for completion in got] == expected
 
 
 def test_lambda_has_no_batcher(demo_model_dir: Path) -> None:

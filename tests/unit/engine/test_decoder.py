@@ -95,10 +95,10 @@ def test_bfloat16_logits_stay_close_to_transformers() -> None:
     with torch.inference_mode():
         expected = model(input_ids=input_ids).logits[0, -1].float()
         cache = decoder.new_cache(1, 16)
-        actual = decoder.forward(input_ids, torch.arange(8)[None], cache, 0, None)[0].float()
+        actual = decoder.forward(input_ids, torch.arange(8)[None], cache, 0)[0].float()
         # and one decoded token after the prompt, from the cache
         expected_next = model(input_ids=torch.cat((input_ids, torch.tensor([[9]])), 1)).logits[0, -1].float()
-        actual_next = decoder.forward(torch.tensor([[9]]), torch.tensor([[8]]), cache, 8, None)[0].float()
+        actual_next = decoder.forward(torch.tensor([[9]]), torch.tensor([[8]]), cache, 8)[0].float()
 
     for want, got in ((expected, actual), (expected_next, actual_next)):
         assert ((got - want).norm() / want.norm()) < 0.02
@@ -177,3 +177,37 @@ def test_replaced_weights_give_their_pages_back_and_kept_ones_stay() -> None:
     assert released == 4 * mmap.PAGESIZE  # the whole pages only replaced's elements lie in
     assert torch.all(kept == 1.5)
     assert torch.count_nonzero(replaced) == replaced.numel() - 4 * mmap.PAGESIZE // 4
+
+
+def test_calibrate_measures_rows_bitwise_as_alone_in_bfloat16() -> None:
+    model = tiny("llama", torch.bfloat16)
+    fuse_model(model)
+    decoder = Decoder(model)
+
+    with torch.inference_mode():
+        assert decoder.calibrate(4)
+        assert decoder._rows_as_alone(4, torch.Generator().manual_seed(7))
+
+
+class RoundsWithTheBatch(torch.nn.Module):
+    """A matmul whose rounding depends on how many rows it is called with, as some kernels' does."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        output: torch.Tensor = self.inner(x)
+        return output + 0.5 * (x.shape[0] > 2)
+
+
+def test_calibrate_finds_a_matmul_that_rounds_with_the_batch() -> None:
+    model = tiny("llama", torch.bfloat16)
+    fuse_model(model)
+    decoder = Decoder(model)
+    for layer in decoder.layers:
+        layer.__dict__["down"] = RoundsWithTheBatch(layer.down)  # a frozen dataclass: set it in place
+
+    with torch.inference_mode():
+        assert not decoder.calibrate(4)
+    assert decoder.least_rows == {} and not decoder.batch_exact
