@@ -63,10 +63,15 @@ def decode(
     # Each row without its padding: its prompt alone at columns 0.., its new tokens after it.
     prompts = [row[mask.bool()] for row, mask in zip(input_ids, attention_mask, strict=True)]
     cache = decoder.new_cache(batch, max(len(prompt) for prompt in prompts) + max_new)
+    if batch > 1:
+        cache.ensure_finite(max(len(prompt) for prompt in prompts))  # before any row writes
     if streamer is not None:
         streamer.put(input_ids.cpu())
     logits = torch.cat([decoder.prefill_row(prompt, cache, row) for row, prompt in enumerate(prompts)])
     positions = torch.tensor([[len(prompt)] for prompt in prompts])
+    # Greedy rows batched because they decode bitwise as alone must; sampled rows, float32's and
+    # BATCH_REDUCED_PRECISION's batches attend together (see batching.exact_batching).
+    exact = decoder.batch_exact and not config.do_sample
     unfinished = torch.ones(batch, dtype=torch.long)
     ids = input_ids
     for step in range(max_new):
@@ -86,7 +91,7 @@ def decode(
             at = int(positions[0, 0])
             logits = decoder.forward(tokens[:, None], positions, cache, at)
         else:
-            logits = decoder.step_rows(tokens[:, None], positions, cache)
+            logits = decoder.step_rows(tokens[:, None], positions, cache, exact=exact)
         positions = positions + 1
     if streamer is not None:
         streamer.end()

@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 # Same layer layout: RMSNorm, q/k/v/o projections (qwen2: with biases), RoPE, gated SiLU MLP.
 MODEL_TYPES = ("llama", "mistral", "qwen2")
+FINITE_CHUNK = 64  # KV cache columns zeroed at a time for rows that attend together
 KERNELS = {PackedProjection: "oneDNN-packed", Int8Projection: "int8", Int4Projection: "int4"}
 
 
@@ -63,12 +64,27 @@ class KVCache:
         shape = (batch, kv_heads, length, head_dim)
         self.keys = [torch.empty(shape, dtype=torch.float32) for _ in range(layers)]
         self.values = [torch.empty(shape, dtype=torch.float32) for _ in range(layers)]
+        self.length = length
+        self.finite_until = 0  # columns below this hold keys and values, or zeros
+
+    def ensure_finite(self, end: int) -> None:
+        """Columns below `end` hold written keys and values or zeros, never `torch.empty`'s leftovers:
+        rows that attend together read the columns beyond a shorter row's end, masked, and a masked
+        weight of 0 times a leftover NaN is NaN. Zeroed a chunk at a time, ahead of every write: call
+        it before a step writes at any column at or above `finite_until` (a prompt: before it)."""
+        if end <= self.finite_until:
+            return
+        stop = min(self.length, max(end, self.finite_until + FINITE_CHUNK))
+        for tensor in (*self.keys, *self.values):
+            tensor[:, :, self.finite_until : stop].zero_()
+        self.finite_until = stop
 
     def row(self, index: int) -> KVCache:
         """Row `index` alone, as a cache of one row (views: writes land in this cache)."""
         view = KVCache.__new__(KVCache)
         view.keys = [keys[index : index + 1] for keys in self.keys]
         view.values = [values[index : index + 1] for values in self.values]
+        view.length, view.finite_until = self.length, self.finite_until
         return view
 
 
@@ -185,15 +201,24 @@ class Decoder:
         """A prompt's logits (`ids` [T], no padding) into row `row` of `cache`: exactly as alone."""
         return self.forward(ids[None], torch.arange(ids.shape[0])[None], cache.row(row), 0)
 
-    def step_rows(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def step_rows(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, *, exact: bool = True
+    ) -> torch.Tensor:
         """One new token for each row (`tokens` [batch, 1]); row b's earlier keys are at columns
         0 .. positions[b]-1 and its token goes to column positions[b]. Each row attends alone, and
         each matmul runs with the rows `calibrate` measured to round a row as it is alone:
-        then a row's logits are bitwise those of the same row decoded alone (`batch_exact`)."""
+        then a row's logits are bitwise those of the same row decoded alone (`batch_exact`).
+        `exact=False`: the rows attend together, the longer rows' columns masked for the shorter
+        (one call instead of one a row: faster, rounded with the batch)."""
         batch = tokens.shape[0]
         rows = torch.arange(batch)
         columns = positions[:, 0]
         ends = (columns + 1).tolist()
+        longest = max(ends)
+        mask = None
+        if not exact:
+            cache.ensure_finite(longest)
+            mask = (torch.arange(longest)[None, :] <= columns[:, None])[:, None, None, :]
         cos, sin = self._angles(positions)
         x: torch.Tensor = self.embed(tokens)
         for index, layer in enumerate(self.layers):
@@ -201,14 +226,20 @@ class Decoder:
             keys, values = cache.keys[index], cache.values[index]
             keys[rows, :, columns] = k[:, 0].float()
             values[rows, :, columns] = v[:, 0].float()
-            attended = torch.cat(
-                [
-                    self._attend_token(
-                        q[row : row + 1], keys[row : row + 1, :, :end], values[row : row + 1, :, :end]
+            if exact:  # each row's own ops, as `forward` runs them for a row alone
+                grouped = self._grouped(q)
+                rows_attended = [
+                    self._attend_grouped(
+                        grouped[row : row + 1],
+                        keys[row : row + 1, :, :end],
+                        values[row : row + 1, :, :end],
+                        None,
                     )
                     for row, end in enumerate(ends)
                 ]
-            )
+                attended = torch.cat(rows_attended).view(batch, 1, -1).to(q.dtype)
+            else:
+                attended = self._attend_token(q, keys[:, :, :longest], values[:, :, :longest], mask)
             x = self._mlp(x + self._project(layer.o, attended), layer)
         return self._logits(x)
 
@@ -263,13 +294,30 @@ class Decoder:
         )
         return attended.transpose(1, 2).reshape(batch, steps, self.heads * self.head_dim)
 
-    def _attend_token(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """One new token per row: the query heads that share a key head side by side, in float32."""
+    def _attend_token(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One new token per row, in float32. `mask` [batch, 1, 1, columns]: False where a row has no
+        key (beyond a shorter row's end)."""
+        attended = self._attend_grouped(self._grouped(q), keys, values, mask)
+        return attended.view(q.shape[0], 1, self.heads * self.head_dim).to(q.dtype)
+
+    def _grouped(self, q: torch.Tensor) -> torch.Tensor:
+        """Queries [batch, 1, heads, head_dim] as [batch, kv_heads, group, head_dim]: the query heads
+        that share a key head side by side; float32, scaled."""
         batch = q.shape[0]
-        grouped = q.reshape(batch, self.kv_heads, self.group, self.head_dim).float()
-        scores = torch.matmul(grouped, keys.transpose(-1, -2)) * self.scale
-        attended = torch.matmul(torch.softmax(scores, dim=-1), values)
-        return attended.view(batch, 1, self.heads * self.head_dim).to(q.dtype)
+        grouped: torch.Tensor = (
+            q.reshape(batch, self.kv_heads, self.group, self.head_dim).float() * self.scale
+        )
+        return grouped
+
+    def _attend_grouped(
+        self, grouped: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        scores = torch.matmul(grouped, keys.transpose(-1, -2))
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.matmul(torch.softmax(scores, dim=-1), values)
 
     def calibrate(self, max_batch: int, seed: int = 0, trials: int = 16) -> bool:
         """Measure, on this machine and model, whether batched rows decode bitwise as alone.

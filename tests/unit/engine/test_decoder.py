@@ -49,11 +49,16 @@ def greedy_config(new_tokens: int) -> GenerationConfig:
     return GenerationConfig(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=1)
 
 
+def fused_copy(model: Any) -> Any:
+    fused = copy.deepcopy(model)
+    fuse_model(fused)
+    return fused
+
+
 def ours(
     model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, new_tokens: int
 ) -> list[list[int]]:
-    fused = copy.deepcopy(model)
-    fuse_model(fused)
+    fused = fused_copy(model)
     with torch.inference_mode():
         output = decode(Decoder(fused), input_ids, attention_mask, greedy_config(new_tokens), [])
     return output[:, input_ids.shape[1] :].tolist()
@@ -211,3 +216,27 @@ def test_calibrate_finds_a_matmul_that_rounds_with_the_batch() -> None:
     with torch.inference_mode():
         assert not decoder.calibrate(4)
     assert decoder.least_rows == {} and not decoder.batch_exact
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_rows_of_different_lengths_never_read_leftover_memory(exact: bool) -> None:
+    # torch.empty's pages may hold anything a freed tensor left: here NaN everywhere
+    decoder = Decoder(fused_copy(tiny("llama")))
+    prompts = [torch.tensor([5, 17, 42, 8, 33]), torch.tensor([9])]
+    expected = []
+    with torch.inference_mode():
+        for prompt in prompts:  # each alone
+            alone = decoder.new_cache(1, 8)
+            decoder.forward(prompt[None], torch.arange(len(prompt))[None], alone, 0)
+            at = len(prompt)
+            expected.append(decoder.forward(torch.tensor([[3]]), torch.tensor([[at]]), alone, at)[0])
+        cache = decoder.new_cache(2, 8)
+        for tensor in (*cache.keys, *cache.values):
+            tensor.fill_(float("nan"))
+        cache.ensure_finite(5)  # as decode does before the prompts
+        for row, prompt in enumerate(prompts):
+            decoder.prefill_row(prompt, cache, row)
+        together = decoder.step_rows(torch.tensor([[3], [3]]), torch.tensor([[5], [1]]), cache, exact=exact)
+
+    assert torch.isfinite(together).all()
+    torch.testing.assert_close(together, torch.stack(expected))
