@@ -118,9 +118,10 @@ class Settings(BaseSettings):
     )
     batch_reduced_precision: bool = Field(
         default=False,
-        description="Batch greedy requests on bf16/fp16, quantized or GPU models too. Off by default: there "
-        "rounding depends on the batch's shape, and a greedy answer could differ from the unbatched one "
-        "where two tokens nearly tie. Sampled requests without a seed batch regardless.",
+        description="Batch greedy requests on bf16/fp16, quantized or GPU models too, where our decoder did "
+        "not measure batched rows bitwise as alone at load. Off by default: there rounding depends on the "
+        "batch's shape, and a greedy answer could differ from the unbatched one where two tokens nearly "
+        "tie. Sampled requests without a seed batch regardless.",
     )
     decoder: Literal["auto", "transformers"] = Field(
         default="auto",

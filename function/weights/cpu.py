@@ -5,8 +5,8 @@ products (AVX512-BF16 or AMX), bfloat16 decodes 1.7-2.6x faster than float32 at 
 architectures from SmolLM2-135M (deep and narrow: 30 layers, width 576) to Llama-3.2-1B, and
 slower only on toy models of a few million parameters, where per-operation overhead dominates.
 Without native bf16 the conversions cost more than the halved weight traffic saves: float32.
-The price of bfloat16: greedy requests are micro-batched only in float32 (the engine's exactness
-policy), so a server under many concurrent greedy requests may prefer CPU_DTYPE=float32.
+Greedy requests are micro-batched in bfloat16 only where our decoder measured at load that batched
+rows decode bitwise as they do alone (function.engine.decoder; the engine's exactness policy).
 A model quantized on CPU (torchao) stays float32 around its int8/int4 layers, which compute in
 bfloat16 themselves: measured 2-3 % faster than a bfloat16 model around them, at the same memory.
 """
