@@ -7,8 +7,9 @@ weights with a preallocated KV cache and a handful of tensor ops per layer, and 
 are packed for oneDNN in place (`PackedLinear`: transformers' own forward keeps working on them).
 
 What it covers (anything else decodes with transformers, and /model_info says why): model types
-in `MODEL_TYPES` with SiLU MLPs, plain RoPE (no scaling), full attention (no sliding window), on
-CPU, no adapters served per request, no TORCH_COMPILE. Linear layers may be plain, or our int8 /
+in `MODEL_TYPES` with SiLU MLPs, RoPE whose frequencies do not change with the length (default,
+linear, llama3, yarn: the model's own), full attention (no sliding window), on CPU, no adapters
+served per request, no TORCH_COMPILE. Linear layers may be plain, or our int8 /
 int4 ones (`function.weights.cpu_quantization`). The loop that samples with it is
 `function.engine.decode_loop`.
 """
@@ -95,9 +96,9 @@ def unsupported_reason(model: Any) -> str | None:
         return f"model type {config.model_type!r} (ours covers {', '.join(MODEL_TYPES)})"
     if getattr(config, "hidden_act", "silu") != "silu":
         return f"activation {config.hidden_act!r}"
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        return f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r}"
+    rope_type = str(getattr(getattr(getattr(model, "model", None), "rotary_emb", None), "rope_type", ""))
+    if "dynamic" in rope_type or rope_type == "longrope":  # their frequencies change with the length
+        return f"RoPE type {rope_type!r}"
     if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
         return "partial RoPE"
     if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
@@ -105,7 +106,9 @@ def unsupported_reason(model: Any) -> str | None:
     if getattr(config, "pretraining_tp", 1) != 1:
         return "pretraining_tp"
     body = getattr(model, "model", None)
-    if body is None or not hasattr(body, "layers") or not hasattr(model, "lm_head"):
+    if body is None or not all(hasattr(body, name) for name in ("layers", "rotary_emb", "embed_tokens")):
+        return "an unexpected module layout"
+    if not hasattr(model, "lm_head"):
         return "an unexpected module layout"
     for layer in body.layers:
         attention, mlp = layer.self_attn, layer.mlp
@@ -151,11 +154,10 @@ class Decoder:
             for layer in model.model.layers
         ]
         self.intermediate = self.layers[0].gate_up.sizes[0] if self.layers else 0
-        rope = getattr(config, "rope_parameters", None) or {}
-        theta = float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-        # As transformers computes them: float32 frequencies, cos/sin cast to the model's dtype.
-        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
-        self.inv_freq = 1.0 / (theta**exponents)
+        # The model's own RoPE frequencies and scaling (default, linear, llama3, yarn...: all fixed).
+        rotary = model.model.rotary_emb
+        self.inv_freq = rotary.inv_freq.detach().float().clone()
+        self.attention_scaling = float(rotary.attention_scaling)
         self._cos = torch.empty(0, self.head_dim, dtype=self.dtype)
         self._sin = torch.empty(0, self.head_dim, dtype=self.dtype)
         self.least_rows: dict[int, int] = {}  # fewest rows per matmul call, by projection (`calibrate`)
@@ -165,13 +167,17 @@ class Decoder:
         return KVCache(len(self.layers), batch, self.kv_heads, length, self.head_dim)
 
     def _rope_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for positions 0..length-1 (grown as needed). The sin's first half is negated:
-        transformers' `x * cos + rotate_half(x) * sin` is `x * cos + roll(x, half) * signed_sin`."""
+        """cos and sin for positions 0..length-1 (grown as needed), as transformers computes them
+        (float32, scaled, cast to the model's dtype). The sin's first half is negated: transformers'
+        `x * cos + rotate_half(x) * sin` is `x * cos + roll(x, half) * signed_sin`."""
         if self._cos.shape[0] < length:
             size = max(length, 2 * self._cos.shape[0], 256)
             freqs = torch.outer(torch.arange(size, dtype=torch.float32), self.inv_freq)
-            self._cos = torch.cat((freqs, freqs), dim=-1).cos().to(self.dtype)
-            self._sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1).to(self.dtype)
+            cos = torch.cat((freqs, freqs), dim=-1).cos() * self.attention_scaling
+            sin = torch.cat((freqs, freqs), dim=-1).sin() * self.attention_scaling
+            half = self.head_dim // 2
+            self._cos = cos.to(self.dtype)
+            self._sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).to(self.dtype)
         return self._cos, self._sin
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -34,10 +34,22 @@ SHAPE: dict[str, Any] = {
 }
 
 
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
+
+
 def tiny(kind: str, dtype: torch.dtype = torch.float32) -> Any:
     torch.manual_seed(0)
     if kind == "llama":  # tied embeddings, as SmolLM2's
         model = LlamaForCausalLM(LlamaConfig(**SHAPE, tie_word_embeddings=True))
+    elif kind == "llama3":  # Llama 3.x's RoPE: frequencies rescaled by band
+        model = LlamaForCausalLM(LlamaConfig(**SHAPE, rope_parameters=LLAMA3_ROPE))
     else:  # qwen2: biases on q, k and v
         model = Qwen2ForCausalLM(Qwen2Config(**SHAPE, tie_word_embeddings=False))
     with torch.no_grad():  # random weights this small give flat logits: sharpen them so argmaxes don't tie
@@ -74,7 +86,7 @@ def theirs(
     return output[:, input_ids.shape[1] :].tolist()
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "llama3", "qwen2"])
 def test_greedy_tokens_equal_transformers_in_float32(kind: str) -> None:
     model = tiny(kind)
     input_ids = torch.tensor([[5, 17, 42, 8, 33, 2, 71]])
@@ -148,11 +160,13 @@ def test_unsupported_models_decode_with_transformers_and_say_why() -> None:
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     scaled = LlamaForCausalLM(
-        LlamaConfig(**{**SHAPE, "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}})
+        LlamaConfig(
+            **{**SHAPE, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}
+        )
     )
 
     assert unsupported_reason(gpt2) == "model type 'gpt2' (ours covers llama, mistral, qwen2)"
-    assert unsupported_reason(scaled) == "RoPE scaling 'linear'"
+    assert unsupported_reason(scaled) == "RoPE type 'dynamic'"
     assert unsupported_reason(tiny("llama")) is None
 
 
