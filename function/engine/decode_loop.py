@@ -90,8 +90,13 @@ def decode(
         if batch == 1:
             at = int(positions[0, 0])
             logits = decoder.forward(tokens[:, None], positions, cache, at)
+        elif exact:  # rows are independent: finished ones are left out (their logits go unused)
+            live = unfinished.nonzero()[:, 0]
+            logits[live] = decoder.step_rows(
+                tokens[live, None], positions[live], cache, exact=True, rows=live.tolist()
+            )
         else:
-            logits = decoder.step_rows(tokens[:, None], positions, cache, exact=exact)
+            logits = decoder.step_rows(tokens[:, None], positions, cache, exact=False)
         positions = positions + 1
     if streamer is not None:
         streamer.end()

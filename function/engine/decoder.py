@@ -208,16 +208,27 @@ class Decoder:
         return self.forward(ids[None], torch.arange(ids.shape[0])[None], cache.row(row), 0)
 
     def step_rows(
-        self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, *, exact: bool = True
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        *,
+        exact: bool = True,
+        rows: list[int] | None = None,
     ) -> torch.Tensor:
         """One new token for each row (`tokens` [batch, 1]); row b's earlier keys are at columns
         0 .. positions[b]-1 and its token goes to column positions[b]. Each row attends alone, and
         each matmul runs with the rows `calibrate` measured to round a row as it is alone:
         then a row's logits are bitwise those of the same row decoded alone (`batch_exact`).
         `exact=False`: the rows attend together, the longer rows' columns masked for the shorter
-        (one call instead of one a row: faster, rounded with the batch)."""
+        (one call instead of one a row: faster, rounded with the batch). `rows` (exact only): the
+        cache rows `tokens` belong to, when finished rows are left out (default: all, in order)."""
         batch = tokens.shape[0]
-        rows = torch.arange(batch)
+        if rows is None:
+            rows = list(range(batch))
+        elif not exact:
+            raise ValueError("rows attending together take every row of the cache")
+        indices = torch.tensor(rows)
         columns = positions[:, 0]
         ends = (columns + 1).tolist()
         longest = max(ends)
@@ -230,18 +241,18 @@ class Decoder:
         for index, layer in enumerate(self.layers):
             q, k, v = self._attention_inputs(x, layer, cos, sin)
             keys, values = cache.keys[index], cache.values[index]
-            keys[rows, :, columns] = k[:, 0].float()
-            values[rows, :, columns] = v[:, 0].float()
+            keys[indices, :, columns] = k[:, 0].float()
+            values[indices, :, columns] = v[:, 0].float()
             if exact:  # each row's own ops, as `forward` runs them for a row alone
                 grouped = self._grouped(q)
                 rows_attended = [
                     self._attend_grouped(
-                        grouped[row : row + 1],
+                        grouped[at : at + 1],
                         keys[row : row + 1, :, :end],
                         values[row : row + 1, :, :end],
                         None,
                     )
-                    for row, end in enumerate(ends)
+                    for at, (row, end) in enumerate(zip(rows, ends, strict=True))
                 ]
                 attended = torch.cat(rows_attended).view(batch, 1, -1).to(q.dtype)
             else:

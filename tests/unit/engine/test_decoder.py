@@ -254,3 +254,29 @@ def test_rows_of_different_lengths_never_read_leftover_memory(exact: bool) -> No
 
     assert torch.isfinite(together).all()
     torch.testing.assert_close(together, torch.stack(expected))
+
+
+def test_finished_rows_leave_an_exact_batch_and_the_others_decode_as_alone() -> None:
+    decoder = Decoder(fused_copy(tiny("qwen2", torch.bfloat16)))  # untied: its greedy rows vary
+    prompts = [[12, 80, 7, 7], [9], [50, 51]]
+    with torch.inference_mode():
+        assert decoder.calibrate(3)
+
+        def run(rows: list[list[int]], eos: int | None) -> list[list[int]]:
+            width = max(len(row) for row in rows)
+            ids = torch.tensor([[0] * (width - len(row)) + row for row in rows])
+            mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+            config = GenerationConfig(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=eos)
+            return decode(decoder, ids, mask, config, [])[:, width:].tolist()
+
+        alone = [run([prompt], None)[0] for prompt in prompts]
+        # an end token the first row reaches after a step or more, and the others never produce
+        stop = next(
+            at
+            for at in range(1, 10)
+            if alone[0][at] not in alone[0][:at] and all(alone[0][at] not in row for row in alone[1:])
+        )
+        together = run(prompts, alone[0][stop])
+
+    assert together[0] == alone[0][: stop + 1] + [0] * (9 - stop)  # stopped, then padding
+    assert together[1:] == alone[1:]  # decoded without it, bitwise as alone
