@@ -3,8 +3,14 @@
 transformers' eager decode step spends most of a small model's token outside the matmuls (module
 calls, masks, cache objects), and PyTorch's default bfloat16 matmul at batch 1 is about 3x slower
 than oneDNN's on weights packed for it (docs/benchmarks.md). `Decoder` walks the same modules'
-weights with a preallocated KV cache and a handful of tensor ops per layer, and the linear layers
-are packed for oneDNN in place (`PackedLinear`: transformers' own forward keeps working on them).
+weights with a preallocated KV cache and a handful of tensor ops per layer; `fuse_model` first
+fuses q/k/v and gate/up and packs them for oneDNN in place (`function.engine.projections`:
+transformers' own forward keeps working on the model).
+
+Rows of a batch are never padded: each prompt is prefilled alone into its row of the cache, and
+each decode step writes a row's key at its own column. Greedy rows that must decode bitwise as
+alone (`calibrate` measured they can: `batch_exact`) also attend alone and leave the batch when
+they finish; other batches (sampled rows, float32's, BATCH_REDUCED_PRECISION's) attend together.
 
 What it covers (anything else decodes with transformers, and /model_info says why): model types
 in `MODEL_TYPES` with SiLU MLPs, RoPE whose frequencies do not change with the length (default,
@@ -368,7 +374,6 @@ class Decoder:
                 projections, [other.qkv, other.o, other.gate_up, other.down], strict=True
             ):
                 least_rows[id(theirs)] = least_rows[id(mine)]
-        self.least_rows = least_rows
         self.batch_exact = self._rows_as_alone(max_batch, generator)
         if not self.batch_exact:
             self.least_rows = {}
