@@ -79,6 +79,15 @@ def test_batching_settings_from_the_environment_and_their_bounds(monkeypatch: py
         Settings(_env_file=None)  # type: ignore[call-arg]
 
 
+def test_decoder_setting_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings(_env_file=None).decoder == "auto"  # type: ignore[call-arg]
+    monkeypatch.setenv("DECODER", "transformers")
+    assert Settings(_env_file=None).decoder == "transformers"  # type: ignore[call-arg]
+    monkeypatch.setenv("DECODER", "fast")
+    with pytest.raises(ValidationError, match="decoder"):
+        Settings(_env_file=None)  # type: ignore[call-arg]
+
+
 def test_the_admission_limit_defaults_to_four_batches_and_at_least_32() -> None:
     assert Settings(_env_file=None, batch_max_size=8).queue_limit == 32  # type: ignore[call-arg]
     assert Settings(_env_file=None, batch_max_size=16).queue_limit == 64  # type: ignore[call-arg]

@@ -186,6 +186,7 @@ def test_model_info(client: TestClient, demo_model_dir: Path) -> None:
     assert info["dtype"] == "float32" and info["quantization"] == "none"
     assert info["dtype_reason"] == "float32: CPU_DTYPE=float32" and info["quantization_backend"] is None
     assert info["threads"] >= 1
+    assert info["decoder"] == "ours" and info["decoder_reason"].startswith("ours: a llama model on CPU")
     assert info["parameter_count"] > 100_000 and info["context_length"] == 2048
     assert info["model_memory"].endswith("MB")
     assert info["load_timings"]["total_s"] >= info["load_timings"]["load_s"] > 0
@@ -226,6 +227,7 @@ def test_model_info_says_why_the_auto_dtype_and_which_backend_quantizes(other_mo
     assert info["quantization"] == "4bit" and info["quantization_backend"] == "torchao"
     assert info["dtype_reason"].startswith(info["dtype"] + ": ")
     assert "CPU_DTYPE=" not in info["dtype_reason"]  # auto's own reason: the CPU or the model's width
+    assert info["decoder"] == "ours" and "(int4 matmuls" in info["decoder_reason"]
 
 
 def test_load_model_refuses_both_quantizations(client: TestClient, demo_model_dir: Path) -> None:
