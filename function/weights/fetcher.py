@@ -238,13 +238,20 @@ class ModelFetcher:
                 continue
             if not entry.is_dir():
                 entry.unlink(missing_ok=True)
-            elif entry.name.startswith(same_prefix) or not (entry / COMPLETE_MARKER).is_file():
+            elif self._leftover(entry, same_prefix):
                 with cache_lock(entry, wait=False) as free:
-                    if free:  # a fetch in progress (this process or another) keeps its directory
+                    # A fetch in progress (this process or another) keeps its directory; one that
+                    # completed it between the look above and the lock keeps it too (asked again).
+                    if free and self._leftover(entry, same_prefix):
                         shutil.rmtree(entry, ignore_errors=True)
         if keep.is_dir():
             for part in keep.rglob("*.part"):
                 part.unlink(missing_ok=True)
+
+    @staticmethod
+    def _leftover(entry: Path, same_prefix: str) -> bool:
+        """An older version of this prefix, or a directory no fetch completed."""
+        return entry.name.startswith(same_prefix) or not (entry / COMPLETE_MARKER).is_file()
 
     def _ranges(self, remote: RemoteFile, target: Path) -> list[tuple[int, int]]:
         """Create the file's `.part` at full size and split it into ranges of `part_size`."""
