@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 # Same layer layout: RMSNorm, q/k/v/o projections (qwen2: with biases), RoPE, gated SiLU MLP.
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 FINITE_CHUNK = 64  # KV cache columns zeroed at a time for rows that attend together
+CALIBRATED_ROWS = 16  # most rows per matmul call `Decoder.calibrate` measures
 KERNELS = {PackedProjection: "oneDNN-packed", Int8Projection: "int8", Int4Projection: "int4"}
 
 
@@ -167,6 +168,7 @@ class Decoder:
         self._cos = torch.empty(0, self.head_dim, dtype=self.dtype)
         self._sin = torch.empty(0, self.head_dim, dtype=self.dtype)
         self.least_rows: dict[int, int] = {}  # fewest rows per matmul call, by projection (`calibrate`)
+        self.measured_rows = 0  # most rows per matmul call `calibrate` measured
         self.batch_exact = False  # batched rows decode bitwise as alone, measured (`calibrate`)
 
     def new_cache(self, batch: int, length: int) -> KVCache:
@@ -295,8 +297,12 @@ class Decoder:
 
     def _project(self, projection: Any, x: torch.Tensor) -> torch.Tensor:
         """`projection(x)`; with fewer rows than `calibrate` found the kernel needs to round a row as it
-        does in any batch, zero rows are added (and their results dropped)."""
+        does in any batch, zero rows are added (and their results dropped); with more rows than it
+        measured, the call is cut into calls of at most that many."""
         rows = x.shape[0]
+        if self.least_rows and rows > self.measured_rows:
+            chunks = range(0, rows, self.measured_rows)
+            return torch.cat([self._project(projection, x[at : at + self.measured_rows]) for at in chunks])
         least = self.least_rows.get(id(projection), 1)
         if rows >= least:
             output: torch.Tensor = projection(x)
@@ -352,7 +358,11 @@ class Decoder:
         for which every call of up to `max_batch` rows gives each row bitwise as a call of that row
         alone, over `trials` random inputs. Then a batch of random prompts of different lengths,
         prefilled and decoded a few steps together, must give each row's logits bitwise as alone.
-        Sets and returns `batch_exact` (False: batches may round rows differently)."""
+        Sets and returns `batch_exact` (False: batches may round rows differently). At most
+        `CALIBRATED_ROWS` rows are measured (the cost grows with their square); bigger batches run
+        their matmuls in calls of that many rows."""
+        max_batch = min(max_batch, CALIBRATED_ROWS)
+        self.measured_rows = max_batch
         generator = torch.Generator().manual_seed(seed)
         layer = self.layers[0] if self.layers else None
         projections = [layer.qkv, layer.o, layer.gate_up, layer.down] if layer is not None else []

@@ -280,3 +280,24 @@ def test_finished_rows_leave_an_exact_batch_and_the_others_decode_as_alone() -> 
 
     assert together[0] == alone[0][: stop + 1] + [0] * (9 - stop)  # stopped, then padding
     assert together[1:] == alone[1:]  # decoded without it, bitwise as alone
+
+
+def test_a_batch_bigger_than_calibrated_runs_its_matmuls_in_calibrated_calls() -> None:
+    decoder = Decoder(fused_copy(tiny("qwen2", torch.bfloat16)))
+    prompts = [torch.tensor(prompt) for prompt in ([12, 80, 7, 7], [9], [50, 51], [3, 14, 15], [60, 2, 71])]
+    with torch.inference_mode():
+        assert decoder.calibrate(2)  # measured for 2 rows; the batch below has 5
+        cache = decoder.new_cache(5, 8)
+        together = [decoder.prefill_row(prompt, cache, row) for row, prompt in enumerate(prompts)]
+        step = decoder.step_rows(
+            torch.tensor([[4]] * 5), torch.tensor([[len(prompt)] for prompt in prompts]), cache
+        )
+        alone = []
+        for prompt in prompts:
+            single = decoder.new_cache(1, 8)
+            decoder.forward(prompt[None], torch.arange(len(prompt))[None], single, 0)
+            at = len(prompt)
+            alone.append(decoder.forward(torch.tensor([[4]]), torch.tensor([[at]]), single, at)[0])
+
+    assert decoder.measured_rows == 2 and len(together) == 5
+    assert torch.equal(step, torch.stack(alone))
