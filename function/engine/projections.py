@@ -213,13 +213,17 @@ def _span(tensor: torch.Tensor) -> tuple[int, int]:
     return start, start + (extent + 1) * tensor.element_size() if tensor.numel() else start
 
 
-def release_pages(replaced: Sequence[torch.Tensor], *, keep: Iterable[torch.Tensor]) -> int:
-    """madvise(DONTNEED) the whole pages of each replaced tensor that no tensor in `keep` touches;
-    returns the bytes given back. A private file mapping re-reads them from the file if ever touched
-    again, an anonymous one reads zeros: nothing still in use lies there (the `keep` check). Pages of
-    ordinary allocations are freed when the tensors are; this only matters for views of a mapping
-    that other views keep alive (transformers' safetensors files, WEIGHTS_IN_MEMORY's buffers)."""
-    kept = sorted(_span(t) for t in keep if t.layout == torch.strided and t.device.type == "cpu")
+def kept_spans(keep: Iterable[torch.Tensor]) -> list[tuple[int, int]]:
+    """The bytes the tensors in `keep` lie in: what `release_pages` must not touch."""
+    return sorted(_span(t) for t in keep if t.layout == torch.strided and t.device.type == "cpu")
+
+
+def release_pages(replaced: Sequence[torch.Tensor], kept: Sequence[tuple[int, int]]) -> int:
+    """madvise(DONTNEED) the whole pages of each replaced tensor that no kept span (`kept_spans`)
+    touches; returns the bytes given back. A private file mapping re-reads them from the file if ever
+    touched again, an anonymous one reads zeros: nothing still in use lies there (the `kept` check).
+    Pages of ordinary allocations are freed when the tensors are; this only matters for views of a
+    mapping that other views keep alive (transformers' safetensors files, WEIGHTS_IN_MEMORY's buffers)."""
     madvise = ctypes.CDLL(None, use_errno=True).madvise
     madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     released = 0

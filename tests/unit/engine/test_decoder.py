@@ -16,7 +16,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2C
 from function.engine.decode_loop import decode
 from function.engine.decoder import Decoder, fuse_model, unsupported_reason
 from function.engine.engine import Engine
-from function.engine.projections import PackedProjection, ProjectionSlice, release_pages
+from function.engine.projections import PackedProjection, ProjectionSlice, kept_spans, release_pages
 from function.engine.types import SamplingParams
 from tests.support.settings import make_settings
 
@@ -191,7 +191,7 @@ def test_replaced_weights_give_their_pages_back_and_kept_ones_stay() -> None:
     half = values.numel() // 2 + 7  # not on a page boundary: the page they share must stay
     replaced, kept = values[:half], values[half:]
 
-    released = release_pages([replaced], keep=[kept])
+    released = release_pages([replaced], kept_spans([kept]))
 
     assert released == 4 * mmap.PAGESIZE  # the whole pages only replaced's elements lie in
     assert torch.all(kept == 1.5)
