@@ -3,17 +3,18 @@
 transformers' eager decode step spends most of a small model's token outside the matmuls (module
 calls, masks, cache objects), and PyTorch's default bfloat16 matmul at batch 1 is about 3x slower
 than oneDNN's on weights packed for it (docs/benchmarks.md). `Decoder` walks the same modules'
-weights with a preallocated KV cache and a handful of tensor ops per layer; `fuse_model` first
-fuses q/k/v and gate/up and packs them for oneDNN in place (`function.engine.projections`:
+weights with a preallocated KV cache and a handful of tensor ops per layer; `decoder_choice.fuse_model`
+first fuses q/k/v and gate/up and packs them for oneDNN in place (`function.engine.projections`:
 transformers' own forward keeps working on the model).
 
 Rows of a batch are never padded: each prompt is prefilled alone into its row of the cache, and
 each decode step writes a row's key at its own column. Greedy rows that must decode bitwise as
-alone (`calibrate` measured they can: `batch_exact`) also attend alone and leave the batch when
-they finish; other batches (sampled rows, float32's, BATCH_REDUCED_PRECISION's) attend together.
+alone (function.engine.calibration measured they can: `batch_exact`) also attend alone and leave
+the batch when they finish; other batches (sampled rows, float32's, BATCH_REDUCED_PRECISION's)
+attend together. Which models it takes, and their preparation: function.engine.decoder_choice.
 
 What it covers (anything else decodes with transformers, and /model_info says why): model types
-in `MODEL_TYPES` with SiLU MLPs, RoPE whose frequencies do not change with the length (default,
+in `decoder_choice.MODEL_TYPES` with SiLU MLPs, RoPE whose frequencies do not change with the length (default,
 linear, llama3, yarn: the model's own), full attention (no sliding window), on CPU, no adapters
 served per request, no TORCH_COMPILE. Linear layers may be plain, or our int8 /
 int4 ones (`function.weights.cpu_quantization`). The loop that samples with it is
@@ -22,36 +23,16 @@ int4 ones (`function.weights.cpu_quantization`). The loop that samples with it i
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional
 
-from function.engine.projections import (
-    Int4Projection,
-    Int8Projection,
-    PackedProjection,
-    Projection,
-    fusable,
-    fuse_into,
-    kept_spans,
-    plain_weights,
-    release_pages,
-)
+from function.engine.projections import Projection
 
-if TYPE_CHECKING:
-    from function.weights.loading import LoadedModel
-
-logger = logging.getLogger(__name__)
-
-# Same layer layout: RMSNorm, q/k/v/o projections (qwen2: with biases), RoPE, gated SiLU MLP.
-MODEL_TYPES = ("llama", "mistral", "qwen2")
 FINITE_CHUNK = 64  # KV cache columns zeroed at a time for rows that attend together
-CALIBRATED_ROWS = 16  # most rows per matmul call `Decoder.calibrate` measures
-KERNELS = {PackedProjection: "oneDNN-packed", Int8Projection: "int8", Int4Projection: "int4"}
 
 
 @dataclass(frozen=True)
@@ -97,45 +78,8 @@ class KVCache:
         return view
 
 
-def unsupported_reason(model: Any) -> str | None:
-    """Why `Decoder` can't run this model, or None when it can."""
-    config = model.config
-    if config.model_type not in MODEL_TYPES:
-        return f"model type {config.model_type!r} (ours covers {', '.join(MODEL_TYPES)})"
-    if getattr(config, "hidden_act", "silu") != "silu":
-        return f"activation {config.hidden_act!r}"
-    rope_type = str(getattr(getattr(getattr(model, "model", None), "rotary_emb", None), "rope_type", ""))
-    if "dynamic" in rope_type or rope_type == "longrope":  # their frequencies change with the length
-        return f"RoPE type {rope_type!r}"
-    if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
-        return "partial RoPE"
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        return "sliding-window attention"
-    if getattr(config, "pretraining_tp", 1) != 1:
-        return "pretraining_tp"
-    body = getattr(model, "model", None)
-    if body is None or not all(hasattr(body, name) for name in ("layers", "rotary_emb", "embed_tokens")):
-        return "an unexpected module layout"
-    if not hasattr(model, "lm_head"):
-        return "an unexpected module layout"
-    for layer in body.layers:
-        attention, mlp = layer.self_attn, layer.mlp
-        groups: list[tuple[Any, ...]] = [
-            (attention.q_proj, attention.k_proj, attention.v_proj),
-            (attention.o_proj,),
-            (mlp.gate_proj, mlp.up_proj),
-            (mlp.down_proj,),
-        ]
-        if not all(fusable(group) for group in groups):
-            kinds = sorted({type(linear).__name__ for group in groups for linear in group})
-            return f"linear layers of kinds {', '.join(kinds)}"
-    if not tied_output(model) and not fusable((model.lm_head,)):
-        return f"an output layer of kind {type(model.lm_head).__name__}"
-    return None
-
-
 class Decoder:
-    """The forward pass over a supported model's weights; `fuse_model` first."""
+    """The forward pass over a supported model's weights (`decoder_choice.fuse_model` first)."""
 
     def __init__(self, model: Any) -> None:
         config = model.config
@@ -168,9 +112,13 @@ class Decoder:
         self.attention_scaling = float(rotary.attention_scaling)
         self._cos = torch.empty(0, self.head_dim, dtype=self.dtype)
         self._sin = torch.empty(0, self.head_dim, dtype=self.dtype)
-        self.least_rows: dict[int, int] = {}  # fewest rows per matmul call, by projection (`calibrate`)
-        self.measured_rows = 0  # most rows per matmul call `calibrate` measured
-        self.batch_exact = False  # batched rows decode bitwise as alone, measured (`calibrate`)
+        self.least_rows: dict[
+            int, int
+        ] = {}  # fewest rows per matmul call, by projection (`function.engine.calibration`)
+        self.measured_rows = 0  # most rows per matmul call `function.engine.calibration` measured
+        self.batch_exact = (
+            False  # batched rows decode bitwise as alone, measured (`function.engine.calibration`)
+        )
 
     def new_cache(self, batch: int, length: int) -> KVCache:
         return KVCache(len(self.layers), batch, self.kv_heads, length, self.head_dim)
@@ -227,7 +175,7 @@ class Decoder:
     ) -> torch.Tensor:
         """One new token for each row (`tokens` [batch, 1]); row b's earlier keys are at columns
         0 .. positions[b]-1 and its token goes to column positions[b]. Each row attends alone, and
-        each matmul runs with the rows `calibrate` measured to round a row as it is alone:
+        each matmul runs with the rows `function.engine.calibration` measured to round a row as it is alone:
         then a row's logits are bitwise those of the same row decoded alone (`batch_exact`).
         `exact=False`: the rows attend together, the longer rows' columns masked for the shorter
         (one call instead of one a row: faster, rounded with the batch). `rows` (exact only): the
@@ -297,8 +245,8 @@ class Decoder:
         return logits
 
     def _project(self, projection: Any, x: torch.Tensor) -> torch.Tensor:
-        """`projection(x)`; with fewer rows than `calibrate` found the kernel needs to round a row as it
-        does in any batch, zero rows are added (and their results dropped); with more rows than it
+        """`projection(x)`; with fewer rows than calibration found the kernel needs to round a row as
+        it does in any batch, zero rows are added (and their results dropped); with more rows than it
         measured, the call is cut into calls of at most that many."""
         rows = x.shape[0]
         if self.least_rows and rows > self.measured_rows:
@@ -349,157 +297,6 @@ class Decoder:
             scores = scores.masked_fill(~mask, float("-inf"))
         return torch.matmul(torch.softmax(scores, dim=-1), values)
 
-    def calibrate(self, max_batch: int, seed: int = 0, trials: int = 16) -> bool:
-        """Measure, on this machine and model, whether batched rows decode bitwise as alone.
-
-        A matmul kernel may take another path (another order of additions) for another number of
-        rows. Measured on SmolLM2-135M in bfloat16: every call of 2 to 8 rows rounded each row alike,
-        but a one-row call of the 1536-wide down projection took another path (it differed on 9 of
-        30 random inputs). So for each projection: the fewest rows (1, else 2, padding with zeros)
-        for which every call of up to `max_batch` rows gives each row bitwise as a call of that row
-        alone, over `trials` random inputs. Then a batch of random prompts of different lengths,
-        prefilled and decoded a few steps together, must give each row's logits bitwise as alone.
-        Sets and returns `batch_exact` (False: batches may round rows differently). At most
-        `CALIBRATED_ROWS` rows are measured (the cost grows with their square); bigger batches run
-        their matmuls in calls of that many rows."""
-        max_batch = min(max_batch, CALIBRATED_ROWS)
-        self.measured_rows = max_batch
-        generator = torch.Generator().manual_seed(seed)
-        layer = self.layers[0] if self.layers else None
-        projections = [layer.qkv, layer.o, layer.gate_up, layer.down] if layer is not None else []
-        widths = [self.hidden_size, self.heads * self.head_dim, self.hidden_size, self.intermediate]
-        self.least_rows = least_rows = {}  # filled as measured: `_project` reads it
-        for projection, width in zip([*projections, self.head], [*widths, self.hidden_size], strict=True):
-            inputs = [  # gated activations, as a layer's are: many values near zero
-                functional.silu(torch.randn(max_batch, 1, width, generator=generator))
-                * torch.randn(max_batch, 1, width, generator=generator)
-                for _ in range(trials)
-            ]
-            least = next((least for least in (1, 2) if self._rows_agree(projection, inputs, least)), None)
-            if least is None:
-                self.least_rows, self.batch_exact = {}, False
-                return False
-            least_rows[id(projection)] = least
-        for other in self.layers[1:]:  # the same shapes in every layer: the same kernels
-            for mine, theirs in zip(
-                projections, [other.qkv, other.o, other.gate_up, other.down], strict=True
-            ):
-                least_rows[id(theirs)] = least_rows[id(mine)]
-        self.batch_exact = self._rows_as_alone(max_batch, generator)
-        if not self.batch_exact:
-            self.least_rows = {}
-        return self.batch_exact
-
-    def _rows_agree(self, projection: Any, inputs: list[torch.Tensor], least: int) -> bool:
-        self.least_rows[id(projection)] = least
-        for x in (x.to(self.dtype) for x in inputs):
-            alone = torch.cat([self._project(projection, x[row : row + 1]) for row in range(x.shape[0])])
-            for rows in range(2, x.shape[0] + 1):
-                if not torch.equal(self._project(projection, x[:rows]), alone[:rows]):
-                    return False
-        return True
-
-    def _rows_as_alone(self, batch: int, generator: torch.Generator) -> bool:
-        vocabulary = int(self.embed.num_embeddings)
-        prompts = [torch.randint(vocabulary, (1 + row % 5,), generator=generator) for row in range(batch)]
-        tokens = torch.randint(vocabulary, (3, batch, 1), generator=generator)
-        together, alone = [], []
-        cache = self.new_cache(batch, 5 + len(tokens))
-        together.append(
-            torch.cat([self.prefill_row(prompt, cache, row) for row, prompt in enumerate(prompts)])
-        )
-        positions = torch.tensor([[len(prompt)] for prompt in prompts])
-        for step in tokens:
-            together.append(self.step_rows(step, positions, cache))
-            positions = positions + 1
-        for row, prompt in enumerate(prompts):
-            single = self.new_cache(1, 5 + len(tokens))
-            logits = [self.forward(prompt[None], torch.arange(len(prompt))[None], single, 0)]
-            for step_index, step in enumerate(tokens):
-                at = len(prompt) + step_index
-                logits.append(self.forward(step[row : row + 1], torch.tensor([[at]]), single, at))
-            alone.append(torch.cat(logits))
-        return all(
-            torch.equal(torch.stack([step[row] for step in together]), alone[row]) for row in range(batch)
-        )
-
 
 def _plain_embedding(model: Any) -> bool:
     return type(model.model.embed_tokens) is nn.Embedding
-
-
-def tied_output(model: Any) -> bool:
-    """Whether the output layer's weight is the input embedding's (SmolLM2, Llama-3.2-1B, Qwen2.5-0.5B)."""
-    return model.lm_head.weight is model.model.embed_tokens.weight
-
-
-def fuse_model(model: Any) -> None:
-    """Fuse and pack every layer's projections in place (`unsupported_reason` must be None).
-
-    A tied output layer stays as it is: packing it would hold the embedding twice (SmolLM2-135M:
-    +56 MB, Llama-3.2-1B: +525 MB) to save 0.65 ms a token here (docs/benchmarks.md). The pages of
-    the weights replaced are given back at once (`release_pages`): they may be views of a file
-    mapping or of the weights-in-memory buffers, which the remaining views keep mapped."""
-    groups: list[tuple[Any, tuple[str, ...]]] = []
-    for layer in model.model.layers:
-        groups += [
-            (layer.self_attn, ("q_proj", "k_proj", "v_proj")),
-            (layer.self_attn, ("o_proj",)),
-            (layer.mlp, ("gate_proj", "up_proj")),
-            (layer.mlp, ("down_proj",)),
-        ]
-    if not tied_output(model):
-        groups.append((model, ("lm_head",)))
-    # Each group's pages go back as soon as it is fused, so the peak holds one group twice, not the
-    # model (WEIGHTS_IN_MEMORY's INIT measured 2.0x the weights above its imports when released at the end).
-    replaced_ids = {
-        id(t) for parent, names in groups for name in names for t in getattr(parent, name).parameters()
-    }
-    kept = kept_spans(t for t in (*model.parameters(), *model.buffers()) if id(t) not in replaced_ids)
-    for parent, names in groups:
-        replaced = plain_weights(getattr(parent, name) for name in names)
-        fuse_into(parent, names)
-        release_pages(replaced, kept)
-        del replaced
-
-
-def attach_decoder(
-    loaded: LoadedModel, setting: str, *, compiled: bool, batch_rows: int | None = None
-) -> LoadedModel:
-    """`loaded` with our decoder when it can run the model (its linear layers packed in place), else
-    as it was; either way with the reason /model_info shows. Never fails a load: a model ours can't
-    take decodes with transformers. `batch_rows`: the micro-batcher's largest batch, to `calibrate`
-    exact batching for (None: no batcher, or a model whose batching needs no measuring)."""
-    reason = _transformers_reason(loaded, setting, compiled=compiled)
-    if reason is not None:
-        return replace(loaded, decoder=None, decoder_reason=f"transformers: {reason}")
-    fuse_model(loaded.model)
-    decoder = Decoder(loaded.model)
-    kernels = KERNELS[type(decoder.layers[0].o)] if decoder.layers else "no"
-    logger.info("decoder: ours (%s matmuls)", kernels)
-    reason = (
-        f"ours: a {loaded.model.config.model_type} model on CPU ({kernels} matmuls, q/k/v and gate/up fused)"
-    )
-    if batch_rows is not None and batch_rows > 1:
-        with torch.inference_mode():
-            exact = decoder.calibrate(batch_rows)
-        padded = sum(1 for least in decoder.least_rows.values() if least > 1)
-        reason += (
-            f"; batched rows decode bitwise as alone (measured; {padded} matmuls take 2 rows at least)"
-            if exact
-            else "; batched rows do not decode bitwise as alone here (measured): greedy requests run alone"
-        )
-        logger.info("decoder: %s", reason)
-    return replace(loaded, decoder=decoder, decoder_reason=reason)
-
-
-def _transformers_reason(loaded: LoadedModel, setting: str, *, compiled: bool) -> str | None:
-    if setting == "transformers":
-        return "DECODER=transformers"
-    if compiled:
-        return "TORCH_COMPILE decodes with transformers' static cache"
-    if loaded.device != "cpu":
-        return f"ours runs on CPU, this model is on {loaded.device}"
-    if loaded.adapters or (loaded.adapter is not None and not loaded.adapter_merged):
-        return "adapters are applied by PEFT's layers"
-    return unsupported_reason(loaded.model)

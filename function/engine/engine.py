@@ -23,6 +23,7 @@ from function.config import Settings
 from function.engine.admission import Admission, AdmissionControl
 from function.engine.batching import MicroBatcher, batch_key, fit_context
 from function.engine.deadline import within_deadline
+from function.engine.decoder_choice import load_with_decoder
 from function.engine.limits import encode_prompt, validate_limits, validate_messages, validate_stop_tokens
 from function.engine.prompts import build_chat_prompt, build_messages_prompt
 from function.engine.response_cache import ResponseCache
@@ -49,7 +50,7 @@ from function.errors import (
     UnknownAdapterError,
 )
 from function.weights.allowlist import check_model_path, default_allowed_paths
-from function.weights.loading import LoadedModel, load_model, pick_device
+from function.weights.loading import LoadedModel, pick_device
 
 logger = logging.getLogger(__name__)
 
@@ -151,9 +152,13 @@ class Engine(StartupLoading):
             raise ModelLoadInProgressError("a model load is already running; retry when it has finished")
         try:
             new = in_own_thread(
-                self._load_model,
+                load_with_decoder,
                 model_path,
                 quantization,
+                self.settings,
+                self.device,
+                compiled=self.compiled,
+                batching=self.batcher is not None,
                 base_model_path=base_model_path,
                 adapters=adapters,
                 check_path=check_path,
@@ -167,38 +172,6 @@ class Engine(StartupLoading):
             "model loaded: %s (%s, %s, %.2fs)", new.name, new.dtype, new.quantization, new.load_seconds
         )
         return new, previous
-
-    def _load_model(
-        self,
-        model_path: str,
-        quantization: Quantization,
-        *,
-        base_model_path: str | None,
-        adapters: dict[str, str] | None,
-        check_path: Callable[[str], None] | None,
-    ) -> LoadedModel:
-        """The load itself, then our decoder where it can run the model (function.engine.decoder)."""
-        from function.engine.decoder import attach_decoder
-
-        loaded = load_model(
-            model_path,
-            quantization,
-            self.settings,
-            self.device,
-            base_model_path=base_model_path,
-            adapters=adapters,
-            check_path=check_path,
-        )
-        from function.engine.batching import float32_batching
-
-        # Measure exact batching where the batcher would otherwise keep greedy requests apart.
-        rows = self.settings.batch_max_size if self.batcher is not None else None
-        return attach_decoder(
-            loaded,
-            self.settings.decoder,
-            compiled=self.compiled,
-            batch_rows=None if float32_batching(loaded) else rows,
-        )
 
     @property
     def allowed_model_paths(self) -> list[str]:

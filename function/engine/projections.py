@@ -6,8 +6,8 @@ took 10.3 ms a token, oneDNN on packed weights 3.8 ms; and each matmul call cost
 any arithmetic, so 4 calls a layer instead of 7 save a further ~1.5 ms. int8 and int4 layers
 (`function.weights.cpu_quantization`) are fused the same way (their codes and scales side by side).
 
-`fuse_model` does it in place: transformers' own forward still works on the model (each original
-layer becomes a `ProjectionSlice` of the fused one, sharing its weights: no second copy).
+`decoder_choice.fuse_model` does it in place: transformers' own forward still works on the model
+(each original layer becomes a `ProjectionSlice` of the fused one, sharing its weights: no second copy).
 """
 
 from __future__ import annotations

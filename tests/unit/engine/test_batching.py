@@ -251,7 +251,7 @@ def test_half_precision_greedy_runs_alone_unless_allowed(demo_model_dir: Path) -
 def test_our_decoder_batches_bf16_and_quantized_greedy_rows_bitwise_as_alone(
     demo_model_dir: Path, quantization: str
 ) -> None:
-    # Our decoder measured at load that batched rows round as alone (Decoder.calibrate)
+    # Our decoder measured at load that batched rows round as alone (function.engine.calibration)
     greedy = SamplingParams(max_new_tokens=12, temperature=0)
     batched = engine_for(demo_model_dir, cpu_dtype="bfloat16", batch_max_size=4, batch_window_ms=1000)
     if quantization != "none":

@@ -13,8 +13,10 @@ import pytest
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from function.engine.calibration import calibrate, rows_as_alone
 from function.engine.decode_loop import decode
-from function.engine.decoder import Decoder, fuse_model, unsupported_reason
+from function.engine.decoder import Decoder
+from function.engine.decoder_choice import fuse_model, unsupported_reason
 from function.engine.engine import Engine
 from function.engine.projections import PackedProjection, ProjectionSlice, kept_spans, release_pages
 from function.engine.types import SamplingParams
@@ -204,8 +206,8 @@ def test_calibrate_measures_rows_bitwise_as_alone_in_bfloat16() -> None:
     decoder = Decoder(model)
 
     with torch.inference_mode():
-        assert decoder.calibrate(4)
-        assert decoder._rows_as_alone(4, torch.Generator().manual_seed(7))
+        assert calibrate(decoder, 4)
+        assert rows_as_alone(decoder, 4, torch.Generator().manual_seed(7))
 
 
 class RoundsWithTheBatch(torch.nn.Module):
@@ -228,7 +230,7 @@ def test_calibrate_finds_a_matmul_that_rounds_with_the_batch() -> None:
         layer.__dict__["down"] = RoundsWithTheBatch(layer.down)  # a frozen dataclass: set it in place
 
     with torch.inference_mode():
-        assert not decoder.calibrate(4)
+        assert not calibrate(decoder, 4)
     assert decoder.least_rows == {} and not decoder.batch_exact
 
 
@@ -260,7 +262,7 @@ def test_finished_rows_leave_an_exact_batch_and_the_others_decode_as_alone() -> 
     decoder = Decoder(fused_copy(tiny("qwen2", torch.bfloat16)))  # untied: its greedy rows vary
     prompts = [[12, 80, 7, 7], [9], [50, 51]]
     with torch.inference_mode():
-        assert decoder.calibrate(3)
+        assert calibrate(decoder, 3)
 
         def run(rows: list[list[int]], eos: int | None) -> list[list[int]]:
             width = max(len(row) for row in rows)
@@ -286,7 +288,7 @@ def test_a_batch_bigger_than_calibrated_runs_its_matmuls_in_calibrated_calls() -
     decoder = Decoder(fused_copy(tiny("qwen2", torch.bfloat16)))
     prompts = [torch.tensor(prompt) for prompt in ([12, 80, 7, 7], [9], [50, 51], [3, 14, 15], [60, 2, 71])]
     with torch.inference_mode():
-        assert decoder.calibrate(2)  # measured for 2 rows; the batch below has 5
+        assert calibrate(decoder, 2)  # measured for 2 rows; the batch below has 5
         cache = decoder.new_cache(5, 8)
         together = [decoder.prefill_row(prompt, cache, row) for row, prompt in enumerate(prompts)]
         step = decoder.step_rows(

@@ -1,0 +1,181 @@
+"""Which decoder runs a loaded model: ours (function.engine.decoder) where it can, else transformers'
+`generate`, with the reason /model_info shows; and preparing the model for ours (`fuse_model`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from function.engine.calibration import calibrate
+from function.engine.decoder import Decoder
+from function.engine.projections import (
+    Int4Projection,
+    Int8Projection,
+    PackedProjection,
+    fusable,
+    fuse_into,
+    kept_spans,
+    plain_weights,
+    release_pages,
+)
+
+if TYPE_CHECKING:
+    from function.config import Settings
+    from function.engine.types import Quantization
+    from function.weights.loading import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+# Same layer layout: RMSNorm, q/k/v/o projections (qwen2: with biases), RoPE, gated SiLU MLP.
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+KERNELS = {PackedProjection: "oneDNN-packed", Int8Projection: "int8", Int4Projection: "int4"}
+
+
+def unsupported_reason(model: Any) -> str | None:
+    """Why `Decoder` can't run this model, or None when it can."""
+    config = model.config
+    if config.model_type not in MODEL_TYPES:
+        return f"model type {config.model_type!r} (ours covers {', '.join(MODEL_TYPES)})"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r}"
+    rope_type = str(getattr(getattr(getattr(model, "model", None), "rotary_emb", None), "rope_type", ""))
+    if "dynamic" in rope_type or rope_type == "longrope":  # their frequencies change with the length
+        return f"RoPE type {rope_type!r}"
+    if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
+        return "partial RoPE"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return "sliding-window attention"
+    if getattr(config, "pretraining_tp", 1) != 1:
+        return "pretraining_tp"
+    body = getattr(model, "model", None)
+    if body is None or not all(hasattr(body, name) for name in ("layers", "rotary_emb", "embed_tokens")):
+        return "an unexpected module layout"
+    if not hasattr(model, "lm_head"):
+        return "an unexpected module layout"
+    for layer in body.layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        groups: list[tuple[Any, ...]] = [
+            (attention.q_proj, attention.k_proj, attention.v_proj),
+            (attention.o_proj,),
+            (mlp.gate_proj, mlp.up_proj),
+            (mlp.down_proj,),
+        ]
+        if not all(fusable(group) for group in groups):
+            kinds = sorted({type(linear).__name__ for group in groups for linear in group})
+            return f"linear layers of kinds {', '.join(kinds)}"
+    if not tied_output(model) and not fusable((model.lm_head,)):
+        return f"an output layer of kind {type(model.lm_head).__name__}"
+    return None
+
+
+def tied_output(model: Any) -> bool:
+    """Whether the output layer's weight is the input embedding's (SmolLM2, Llama-3.2-1B, Qwen2.5-0.5B)."""
+    return model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def fuse_model(model: Any) -> None:
+    """Fuse and pack every layer's projections in place (`unsupported_reason` must be None).
+
+    A tied output layer stays as it is: packing it would hold the embedding twice (SmolLM2-135M:
+    +56 MB, Llama-3.2-1B: +525 MB) to save 0.65 ms a token here (docs/benchmarks.md). The pages of
+    the weights replaced are given back at once (`release_pages`): they may be views of a file
+    mapping or of the weights-in-memory buffers, which the remaining views keep mapped."""
+    groups: list[tuple[Any, tuple[str, ...]]] = []
+    for layer in model.model.layers:
+        groups += [
+            (layer.self_attn, ("q_proj", "k_proj", "v_proj")),
+            (layer.self_attn, ("o_proj",)),
+            (layer.mlp, ("gate_proj", "up_proj")),
+            (layer.mlp, ("down_proj",)),
+        ]
+    if not tied_output(model):
+        groups.append((model, ("lm_head",)))
+    # Each group's pages go back as soon as it is fused, so the peak holds one group twice, not the
+    # model (WEIGHTS_IN_MEMORY's INIT measured 2.0x the weights above its imports when released at the end).
+    replaced_ids = {
+        id(t) for parent, names in groups for name in names for t in getattr(parent, name).parameters()
+    }
+    kept = kept_spans(t for t in (*model.parameters(), *model.buffers()) if id(t) not in replaced_ids)
+    for parent, names in groups:
+        replaced = plain_weights(getattr(parent, name) for name in names)
+        fuse_into(parent, names)
+        release_pages(replaced, kept)
+        del replaced
+
+
+def attach_decoder(
+    loaded: LoadedModel, setting: str, *, compiled: bool, batch_rows: int | None = None
+) -> LoadedModel:
+    """`loaded` with our decoder when it can run the model (its linear layers packed in place), else
+    as it was; either way with the reason /model_info shows. Never fails a load: a model ours can't
+    take decodes with transformers. `batch_rows`: the micro-batcher's largest batch, to `calibrate`
+    exact batching for (None: no batcher, or a model whose batching needs no measuring)."""
+    reason = _transformers_reason(loaded, setting, compiled=compiled)
+    if reason is not None:
+        return replace(loaded, decoder=None, decoder_reason=f"transformers: {reason}")
+    fuse_model(loaded.model)
+    decoder = Decoder(loaded.model)
+    kernels = KERNELS[type(decoder.layers[0].o)] if decoder.layers else "no"
+    logger.info("decoder: ours (%s matmuls)", kernels)
+    reason = (
+        f"ours: a {loaded.model.config.model_type} model on CPU ({kernels} matmuls, q/k/v and gate/up fused)"
+    )
+    if batch_rows is not None and batch_rows > 1:
+        with torch.inference_mode():
+            exact = calibrate(decoder, batch_rows)
+        padded = sum(1 for least in decoder.least_rows.values() if least > 1)
+        reason += (
+            f"; batched rows decode bitwise as alone (measured; {padded} matmuls take 2 rows at least)"
+            if exact
+            else "; batched rows do not decode bitwise as alone here (measured): greedy requests run alone"
+        )
+        logger.info("decoder: %s", reason)
+    return replace(loaded, decoder=decoder, decoder_reason=reason)
+
+
+def _transformers_reason(loaded: LoadedModel, setting: str, *, compiled: bool) -> str | None:
+    if setting == "transformers":
+        return "DECODER=transformers"
+    if compiled:
+        return "TORCH_COMPILE decodes with transformers' static cache"
+    if loaded.device != "cpu":
+        return f"ours runs on CPU, this model is on {loaded.device}"
+    if loaded.adapters or (loaded.adapter is not None and not loaded.adapter_merged):
+        return "adapters are applied by PEFT's layers"
+    return unsupported_reason(loaded.model)
+
+
+def load_with_decoder(
+    model_path: str,
+    quantization: Quantization,
+    settings: Settings,
+    device: str,
+    *,
+    compiled: bool,
+    batching: bool,
+    base_model_path: str | None,
+    adapters: dict[str, str] | None,
+    check_path: Callable[[str], None] | None,
+) -> LoadedModel:
+    """The engine's load: the model (function.weights.loading), then our decoder where it can run it.
+    `batching`: a micro-batcher will serve it, so exact batching is measured where the batcher would
+    otherwise keep greedy requests apart (not in float32, which batches regardless)."""
+    from function.engine.batching import float32_batching
+    from function.weights.loading import load_model
+
+    loaded = load_model(
+        model_path,
+        quantization,
+        settings,
+        device,
+        base_model_path=base_model_path,
+        adapters=adapters,
+        check_path=check_path,
+    )
+    rows = settings.batch_max_size if batching and not float32_batching(loaded) else None
+    return attach_decoder(loaded, settings.decoder, compiled=compiled, batch_rows=rows)
