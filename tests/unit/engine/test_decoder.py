@@ -278,10 +278,19 @@ def test_finished_rows_leave_an_exact_batch_and_the_others_decode_as_alone() -> 
             for at in range(1, 10)
             if alone[0][at] not in alone[0][:at] and all(alone[0][at] not in row for row in alone[1:])
         )
+        rows_per_step: list[int] = []
+        step_rows = decoder.step_rows
+
+        def counting(tokens: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            rows_per_step.append(tokens.shape[0])
+            return step_rows(tokens, *args, **kwargs)
+
+        decoder.step_rows = counting  # type: ignore[method-assign]  # a spy: the real step runs
         together = run(prompts, alone[0][stop])
 
     assert together[0] == alone[0][: stop + 1] + [0] * (9 - stop)  # stopped, then padding
     assert together[1:] == alone[1:]  # decoded without it, bitwise as alone
+    assert rows_per_step == [3] * stop + [2] * (9 - stop)  # the finished row left the batch
 
 
 def test_a_batch_bigger_than_calibrated_runs_its_matmuls_in_calibrated_calls() -> None:
