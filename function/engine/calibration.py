@@ -57,7 +57,11 @@ def calibrate(decoder: Decoder, max_batch: int, seed: int = 0, trials: int = 16)
     for other in decoder.layers[1:]:  # the same shapes in every layer: the same kernels
         for mine, theirs in zip(projections, [other.qkv, other.o, other.gate_up, other.down], strict=True):
             least_rows[id(theirs)] = least_rows[id(mine)]
-    decoder.batch_exact = rows_as_alone(decoder, max_batch, generator)
+    decoder.attend_runs = False  # first each row attending alone, then runs of one length together
+    decoder.batch_exact = _batch_as_alone(decoder, _lengths(max_batch), generator)
+    if decoder.batch_exact:
+        decoder.attend_runs = True
+        decoder.attend_runs = _batch_as_alone(decoder, [3] * max_batch, generator)
     if not decoder.batch_exact:
         decoder.least_rows = {}
     return decoder.batch_exact
@@ -74,11 +78,24 @@ def _rows_agree(decoder: Decoder, projection: Any, inputs: list[torch.Tensor], l
 
 
 def rows_as_alone(decoder: Decoder, batch: int, generator: torch.Generator) -> bool:
+    """Whether random prompts, prefilled and decoded a few steps as a batch, give each row's logits
+    bitwise as alone: prompts of different lengths (each row attends alone), then prompts of one
+    length (neighbouring rows of one length attend in one call: `decoder._runs`)."""
+    return all(_batch_as_alone(decoder, lengths, generator) for lengths in (_lengths(batch), [3] * batch))
+
+
+def _lengths(batch: int) -> list[int]:
+    return [1 + row % 5 for row in range(batch)]
+
+
+def _batch_as_alone(decoder: Decoder, lengths: list[int], generator: torch.Generator) -> bool:
     vocabulary = int(decoder.embed.num_embeddings)
-    prompts = [torch.randint(vocabulary, (1 + row % 5,), generator=generator) for row in range(batch)]
+    batch = len(lengths)
+    prompts = [torch.randint(vocabulary, (length,), generator=generator) for length in lengths]
     tokens = torch.randint(vocabulary, (3, batch, 1), generator=generator)
     together, alone = [], []
-    cache = decoder.new_cache(batch, 5 + len(tokens))
+    longest = max(lengths) + len(tokens)
+    cache = decoder.new_cache(batch, longest)
     together.append(
         torch.cat([decoder.prefill_row(prompt, cache, row) for row, prompt in enumerate(prompts)])
     )
@@ -87,7 +104,7 @@ def rows_as_alone(decoder: Decoder, batch: int, generator: torch.Generator) -> b
         together.append(decoder.step_rows(step, positions, cache))
         positions = positions + 1
     for row, prompt in enumerate(prompts):
-        single = decoder.new_cache(1, 5 + len(tokens))
+        single = decoder.new_cache(1, longest)
         logits = [decoder.forward(prompt[None], torch.arange(len(prompt))[None], single, 0)]
         for step_index, step in enumerate(tokens):
             at = len(prompt) + step_index
