@@ -27,8 +27,10 @@ def calibrate(decoder: Decoder, max_batch: int, seed: int = 0, trials: int = 16)
     30 random inputs). So for each projection: the fewest rows (1, else 2, padding with zeros)
     for which every call of up to `max_batch` rows gives each row bitwise as a call of that row
     alone, over `trials` random inputs. Then a batch of random prompts of different lengths,
-    prefilled and decoded a few steps together, must give each row's logits bitwise as alone.
-    Sets and returns `decoder.batch_exact` (False: batches may round rows differently). At most
+    prefilled and decoded a few steps together, must give each row's logits bitwise as alone, first
+    with each row attending alone, then with rows that attend to the same columns in one call
+    (`decoder.attend_runs`: off where that fails, and the rows attend alone). Sets and returns
+    `decoder.batch_exact` (False: batches may round rows differently). At most
     `CALIBRATED_ROWS` rows are measured (the cost grows with their square); bigger batches run
     their matmuls in calls of that many rows."""
     max_batch = min(max_batch, CALIBRATED_ROWS)
@@ -57,11 +59,11 @@ def calibrate(decoder: Decoder, max_batch: int, seed: int = 0, trials: int = 16)
     for other in decoder.layers[1:]:  # the same shapes in every layer: the same kernels
         for mine, theirs in zip(projections, [other.qkv, other.o, other.gate_up, other.down], strict=True):
             least_rows[id(theirs)] = least_rows[id(mine)]
-    decoder.attend_runs = False  # first each row attending alone, then runs of one length together
-    decoder.batch_exact = _batch_as_alone(decoder, _lengths(max_batch), generator)
+    decoder.attend_runs = False  # each row attending alone first, then a block's rows in one call
+    decoder.batch_exact = rows_as_alone(decoder, max_batch, generator)
     if decoder.batch_exact:
         decoder.attend_runs = True
-        decoder.attend_runs = _batch_as_alone(decoder, [3] * max_batch, generator)
+        decoder.attend_runs = rows_as_alone(decoder, max_batch, generator)
     if not decoder.batch_exact:
         decoder.least_rows = {}
     return decoder.batch_exact
@@ -78,19 +80,11 @@ def _rows_agree(decoder: Decoder, projection: Any, inputs: list[torch.Tensor], l
 
 
 def rows_as_alone(decoder: Decoder, batch: int, generator: torch.Generator) -> bool:
-    """Whether random prompts, prefilled and decoded a few steps as a batch, give each row's logits
-    bitwise as alone: prompts of different lengths (each row attends alone), then prompts of one
-    length (neighbouring rows of one length attend in one call: `decoder._runs`)."""
-    return all(_batch_as_alone(decoder, lengths, generator) for lengths in (_lengths(batch), [3] * batch))
-
-
-def _lengths(batch: int) -> list[int]:
-    return [1 + row % 5 for row in range(batch)]
-
-
-def _batch_as_alone(decoder: Decoder, lengths: list[int], generator: torch.Generator) -> bool:
+    """Whether random prompts of different lengths, prefilled and decoded a few steps as a batch,
+    give each row's logits bitwise as alone (their rows attend in one call where
+    `decoder.attend_runs`: they all end in one block)."""
+    lengths = [1 + row % 5 for row in range(batch)]
     vocabulary = int(decoder.embed.num_embeddings)
-    batch = len(lengths)
     prompts = [torch.randint(vocabulary, (length,), generator=generator) for length in lengths]
     tokens = torch.randint(vocabulary, (3, batch, 1), generator=generator)
     together, alone = [], []

@@ -63,8 +63,6 @@ def decode(
     # Each row without its padding: its prompt alone at columns 0.., its new tokens after it.
     prompts = [row[mask.bool()] for row, mask in zip(input_ids, attention_mask, strict=True)]
     cache = decoder.new_cache(batch, max(len(prompt) for prompt in prompts) + max_new)
-    if batch > 1:
-        cache.ensure_finite(max(len(prompt) for prompt in prompts))  # before any row writes
     if streamer is not None:
         streamer.put(input_ids.cpu())
     logits = torch.cat([decoder.prefill_row(prompt, cache, row) for row, prompt in enumerate(prompts)])

@@ -9,9 +9,10 @@ transformers' own forward keeps working on the model).
 
 Rows of a batch are never padded: each prompt is prefilled alone into its row of the cache, and
 each decode step writes a row's key at its own column. Greedy rows that must decode bitwise as
-alone (function.engine.calibration measured they can: `batch_exact`) also attend alone, or beside
-neighbouring rows of the same length (measured too: `attend_runs`), and leave the batch when they
-finish; other batches (sampled rows, float32's, BATCH_REDUCED_PRECISION's) attend together.
+alone (function.engine.calibration measured they can: `batch_exact`) attend to their keys up to a
+whole block (`_span`), as alone, in one call with the neighbouring rows of their block (measured
+too: `attend_runs`), and leave the batch when they finish; other batches (sampled rows,
+float32's, BATCH_REDUCED_PRECISION's) attend together.
 Which models it takes, and their preparation: function.engine.decoder_choice.
 
 What it covers (anything else decodes with transformers, and /model_info says why): model types
@@ -33,7 +34,7 @@ from torch.nn import functional
 
 from function.engine.projections import Projection
 
-FINITE_CHUNK = 64  # KV cache columns zeroed at a time for rows that attend together
+BLOCK = 64  # a decoding row attends to its cache columns up to a multiple of this, the rest masked
 
 
 @dataclass(frozen=True)
@@ -47,36 +48,48 @@ class Layer:
 
 
 class KVCache:
-    """Keys and values for every layer, preallocated to the longest sequence a call can reach, in
-    float32 (attention runs in float32, as transformers' does inside its fused kernel). `torch.empty`:
-    pages are touched only as positions are written."""
+    """Keys and values for every layer, preallocated to the longest sequence a call can reach (in
+    whole `BLOCK`s), in float32 (attention runs in float32, as transformers' does inside its fused
+    kernel). `torch.empty`: pages are touched only as positions are written, and columns are zeroed
+    a block ahead of the writes (`prepare`), so that no attention reads `torch.empty`'s leftovers."""
 
     def __init__(self, layers: int, batch: int, kv_heads: int, length: int, head_dim: int) -> None:
+        length = -(-length // BLOCK) * BLOCK
         shape = (batch, kv_heads, length, head_dim)
         self.keys = [torch.empty(shape, dtype=torch.float32) for _ in range(layers)]
         self.values = [torch.empty(shape, dtype=torch.float32) for _ in range(layers)]
         self.length = length
-        self.finite_until = 0  # columns below this hold keys and values, or zeros
+        self.finite = [0] * batch  # each row's columns below this hold keys and values, or zeros
+        self.first_row = 0  # this cache's row 0 is row `first_row` of `finite` (a `row` view's)
 
-    def ensure_finite(self, end: int) -> None:
-        """Columns below `end` hold written keys and values or zeros, never `torch.empty`'s leftovers:
-        rows that attend together read the columns beyond a shorter row's end, masked, and a masked
-        weight of 0 times a leftover NaN is NaN. Zeroed a chunk at a time, ahead of every write: call
-        it before a step writes at any column at or above `finite_until` (a prompt: before it)."""
-        if end <= self.finite_until:
+    def prepare(self, row: int, start: int, end: int, span: int) -> None:
+        """Before row `row` writes columns `start .. end-1` and attends to columns below `span`:
+        zero the columns below `span` (to the end of their block) that neither hold keys nor are
+        about to. A masked attention weight is 0, and 0 times a leftover NaN is NaN."""
+        done = self.finite[self.first_row + row]
+        if span <= done:
             return
-        stop = min(self.length, max(end, self.finite_until + FINITE_CHUNK))
+        stop = min(self.length, -(-span // BLOCK) * BLOCK)
         for tensor in (*self.keys, *self.values):
-            tensor[:, :, self.finite_until : stop].zero_()
-        self.finite_until = stop
+            if start > done:
+                tensor[row, :, done:start].zero_()
+            tensor[row, :, max(done, end) : stop].zero_()
+        self.finite[self.first_row + row] = stop
 
     def row(self, index: int) -> KVCache:
         """Row `index` alone, as a cache of one row (views: writes land in this cache)."""
         view = KVCache.__new__(KVCache)
         view.keys = [keys[index : index + 1] for keys in self.keys]
         view.values = [values[index : index + 1] for values in self.values]
-        view.length, view.finite_until = self.length, self.finite_until
+        view.length, view.finite, view.first_row = self.length, self.finite, self.first_row + index
         return view
+
+
+def _span(end: int) -> int:
+    """The columns a decoding row whose keys end at `end` attends to: `end` rounded up to a whole
+    `BLOCK`, the columns beyond `end` masked. A row attends to as many columns alone as in any
+    batch where it ends in the same block, so the rows of a block attend in one call bitwise as alone."""
+    return -(-end // BLOCK) * BLOCK
 
 
 class Decoder:
@@ -148,6 +161,10 @@ class Decoder:
         their RoPE positions (the columns). Rows of different lengths: `prefill_row`, `step_rows`."""
         steps = ids.shape[1]
         end = start + steps
+        span = _span(end) if steps == 1 else end
+        hidden = (torch.arange(span) >= end)[None, None, None, :]  # the span's columns beyond the keys
+        for row in range(ids.shape[0]):
+            cache.prepare(row, start, end, span)
         rotation = self._rotation(positions)
         x: torch.Tensor = self.embed(ids)
         for index, layer in enumerate(self.layers):
@@ -158,7 +175,7 @@ class Decoder:
             if steps > 1:  # a prompt: its tokens attend to each other, causally
                 attended = self._attend_prompt(q, keys[:, :, start:end], values[:, :, start:end])
             else:
-                attended = self._attend(q, keys[:, :, :end], values[:, :, :end])
+                attended = self._attend(q, keys[:, :, :span], values[:, :, :span], hidden)
             x = self._mlp(x + self._project(layer.o, attended.to(x.dtype)), layer)
         return self._logits(x)
 
@@ -189,12 +206,15 @@ class Decoder:
         indices = torch.tensor(rows)
         columns = positions[:, 0]
         ends = (columns + 1).tolist()
-        longest = max(ends)
-        runs = _runs(rows, ends, joined=self.attend_runs)
-        mask = None
-        if not exact:
-            cache.ensure_finite(longest)
-            mask = (torch.arange(longest)[None, :] <= columns[:, None])[:, None, None, :]
+        spans = [_span(end) for end in ends] if exact else [max(ends)] * len(ends)
+        for row, end, span in zip(rows, ends, spans, strict=True):
+            cache.prepare(row, end - 1, end, span)
+        # Calls of neighbouring rows that attend to the same columns (exact), or of every row (not)
+        runs = _runs(rows, spans, joined=self.attend_runs) if exact else [(0, len(rows), 0, spans[0])]
+        hidden = [  # each call's columns beyond each row's keys
+            (torch.arange(span)[None, :] > columns[at:stop, None])[:, None, None, :]
+            for at, stop, _, span in runs
+        ]
         rotation = self._rotation(positions)
         x: torch.Tensor = self.embed(tokens)
         for index, layer in enumerate(self.layers):
@@ -202,19 +222,16 @@ class Decoder:
             keys, values = cache.keys[index], cache.values[index]
             keys[indices, :, columns] = k[:, 0]
             values[indices, :, columns] = v[:, 0].float()
-            if exact:  # rows attend alone, or beside neighbours as long (bitwise as alone: calibrated)
-                attended = torch.cat(
-                    [
-                        self._attend(
-                            q[at:stop],
-                            keys[row : row + stop - at, :, :end],
-                            values[row : row + stop - at, :, :end],
-                        )
-                        for at, stop, row, end in runs
-                    ]
+            calls = [
+                self._attend(
+                    q[at:stop],
+                    keys[row : row + stop - at, :, :span],
+                    values[row : row + stop - at, :, :span],
+                    mask,
                 )
-            else:
-                attended = self._attend(q, keys[:, :, :longest], values[:, :, :longest], mask)
+                for (at, stop, row, span), mask in zip(runs, hidden, strict=True)
+            ]
+            attended = calls[0] if len(calls) == 1 else torch.cat(calls)
             x = self._mlp(x + self._project(layer.o, attended.to(x.dtype)), layer)
         return self._logits(x)
 
@@ -266,18 +283,17 @@ class Decoder:
         return padded[:rows]
 
     def _attend(
-        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, hidden: torch.Tensor
     ) -> torch.Tensor:
         """One new token per row, in float32 (as transformers' fused kernel computes attention):
         queries [batch, 1, heads, head_dim] (scaled), keys and values [batch, kv_heads, columns,
-        head_dim]; `mask` [batch, 1, 1, columns]: False where a row has no key (beyond a shorter
-        row's end). Three calls: measured faster at one query than PyTorch's fused kernel, which
-        took 30 us a call here. Returns [batch, 1, heads * head_dim]."""
+        head_dim]; `hidden` [batch, 1, 1, columns]: True where a row has no key (beyond its end:
+        `_span`, or a shorter row's end). Three calls: measured faster at one query than PyTorch's
+        fused kernel, which took 30 us a call here. Returns [batch, 1, heads * head_dim]."""
         batch = q.shape[0]
         grouped = q.reshape(batch, self.kv_heads, self.group, self.head_dim)  # heads sharing a key head
         scores = torch.matmul(grouped, keys.transpose(-1, -2))
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
+        scores = scores.masked_fill(hidden, float("-inf"))
         attended = torch.matmul(torch.softmax(scores, dim=-1), values)
         return attended.view(batch, 1, self.heads * self.head_dim)
 
@@ -291,15 +307,15 @@ class Decoder:
         return attended.transpose(1, 2).reshape(batch, steps, self.heads * self.head_dim)
 
 
-def _runs(rows: list[int], ends: list[int], *, joined: bool) -> list[tuple[int, int, int, int]]:
-    """The batch cut into runs of neighbouring cache rows that end at the same column, as `(at,
-    stop, first row, end)`: `tokens[at:stop]` are cache rows `first row ..` and attend in one call
-    (`joined=False`: a run a row). One call over rows of one length gave each row bitwise what a
-    call of that row alone does, on every shape tried (PyTorch's batched matmul runs each row's
-    product alike; `function.engine.calibration` measures it at load), and saves the per-call cost
-    of the rest: 8 rows of one length, 23.4 -> 15.7 ms a step on SmolLM2-135M."""
+def _runs(rows: list[int], spans: list[int], *, joined: bool) -> list[tuple[int, int, int, int]]:
+    """The batch cut into runs of neighbouring cache rows that attend to the same columns
+    (`_span`), as `(at, stop, first row, span)`: `tokens[at:stop]` are cache rows `first row ..`
+    and attend in one call (`joined=False`: a run a row). One call over rows of one span gave each
+    row bitwise what a call of that row alone does, on every shape tried (PyTorch's batched matmul
+    runs each row's product alike; `function.engine.calibration` measures it at load), and saves
+    the per-call cost of the rest: 8 rows, 23.4 -> 15.7 ms a step on SmolLM2-135M."""
     runs: list[tuple[int, int, int, int]] = []
-    for at, (row, end) in enumerate(zip(rows, ends, strict=True)):
+    for at, (row, end) in enumerate(zip(rows, spans, strict=True)):
         if (
             joined
             and runs

@@ -241,15 +241,16 @@ def test_rows_of_different_lengths_never_read_leftover_memory(exact: bool) -> No
     prompts = [torch.tensor([5, 17, 42, 8, 33]), torch.tensor([9])]
     expected = []
     with torch.inference_mode():
-        for prompt in prompts:  # each alone
+        for prompt in prompts:  # each alone, beside the leftovers beyond its end
             alone = decoder.new_cache(1, 8)
+            for tensor in (*alone.keys, *alone.values):
+                tensor.fill_(float("nan"))
             decoder.forward(prompt[None], torch.arange(len(prompt))[None], alone, 0)
             at = len(prompt)
             expected.append(decoder.forward(torch.tensor([[3]]), torch.tensor([[at]]), alone, at)[0])
         cache = decoder.new_cache(2, 8)
         for tensor in (*cache.keys, *cache.values):
             tensor.fill_(float("nan"))
-        cache.ensure_finite(5)  # as decode does before the prompts
         for row, prompt in enumerate(prompts):
             decoder.prefill_row(prompt, cache, row)
         together = decoder.step_rows(torch.tensor([[3], [3]]), torch.tensor([[5], [1]]), cache, exact=exact)
