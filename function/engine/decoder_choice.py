@@ -23,6 +23,7 @@ from function.engine.projections import (
     plain_weights,
     release_pages,
 )
+from function.weights.cpu import DECODER_MODEL_TYPES
 
 if TYPE_CHECKING:
     from function.config import Settings
@@ -31,8 +32,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Same layer layout: RMSNorm, q/k/v/o projections (qwen2: with biases), RoPE, gated SiLU MLP.
-MODEL_TYPES = ("llama", "mistral", "qwen2")
+# Same layer layout: RMSNorm, q/k/v/o projections (qwen2: with biases), RoPE, gated SiLU MLP. Kept
+# with the CPU dtype rule, which picks the dtype around quantized layers for the decoder that runs them.
+MODEL_TYPES = DECODER_MODEL_TYPES
 KERNELS = {PackedProjection: "oneDNN-packed", Int8Projection: "int8", Int4Projection: "int4"}
 
 

@@ -131,7 +131,9 @@ def choose_dtype(
         if torch.cuda.is_bf16_supported():
             return DtypeChoice(torch.bfloat16, "bfloat16: a float32 checkpoint, on a GPU with bfloat16")
         return DtypeChoice(torch.float16, "float16: a float32 checkpoint, on a GPU without bfloat16")
-    return choose_cpu_dtype(parameters, settings, quantized=quantization != "none")
+    return choose_cpu_dtype(
+        parameters, settings, quantized=quantization != "none", model_type=getattr(config, "model_type", None)
+    )
 
 
 def _name(dtype: Any) -> str:

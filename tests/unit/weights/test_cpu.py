@@ -17,6 +17,7 @@ from function.weights.cpu import (
     cpu_has_native_bf16,
     lambda_vcpus,
     openmp_threads,
+    quantized_cpu_dtype,
     thread_count,
     usable_cores,
     usable_cpus,
@@ -55,12 +56,25 @@ def test_explicit_cpu_dtype_wins_and_says_so() -> None:
     assert choice.dtype is torch.float32 and choice.reason == "float32: CPU_DTYPE=float32"
 
 
-def test_auto_keeps_float32_around_quantized_layers() -> None:
-    choice = choose_cpu_dtype(10**9, make_settings(cpu_dtype="auto"), quantized=True)
+def test_auto_around_quantized_layers_follows_the_decoder_that_will_run_them() -> None:
+    auto = make_settings(cpu_dtype="auto")
+    ours = quantized_cpu_dtype(True, auto, "llama")
+    gpt2 = quantized_cpu_dtype(True, auto, "gpt2")  # a model type our decoder does not take
+    setting = quantized_cpu_dtype(True, make_settings(cpu_dtype="auto", decoder="transformers"), "llama")
+    no_native = quantized_cpu_dtype(False, auto, "llama")
 
-    assert choice.dtype is torch.float32 and choice.reason.startswith("float32: around int8/int4 layers")
-    explicit = choose_cpu_dtype(10**9, make_settings(cpu_dtype="bfloat16"), quantized=True)
-    assert explicit.dtype is torch.bfloat16
+    assert ours.dtype is torch.bfloat16 and ours.reason.startswith(
+        "bfloat16: around int8/int4 layers, for our decoder (a llama model"
+    )
+    assert gpt2.dtype is setting.dtype is no_native.dtype is torch.float32
+    assert gpt2.reason.startswith(
+        "float32: around int8/int4 layers, which compute in bfloat16, for transformers'"
+    )
+    # on this CPU, through the setting
+    expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    assert choose_cpu_dtype(10**9, auto, quantized=True, model_type="qwen2").dtype is expected
+    explicit = choose_cpu_dtype(10**9, make_settings(cpu_dtype="float32"), quantized=True, model_type="llama")
+    assert explicit.dtype is torch.float32
 
 
 def test_auto_follows_this_cpu_and_the_setting() -> None:
