@@ -59,13 +59,14 @@ def calibrate(decoder: Decoder, max_batch: int, seed: int = 0, trials: int = 16)
     for other in decoder.layers[1:]:  # the same shapes in every layer: the same kernels
         for mine, theirs in zip(projections, [other.qkv, other.o, other.gate_up, other.down], strict=True):
             least_rows[id(theirs)] = least_rows[id(mine)]
+    decoder.block_spans = True  # rows attend to whole blocks, alone as batched
     decoder.attend_runs = False  # each row attending alone first, then a block's rows in one call
     decoder.batch_exact = rows_as_alone(decoder, max_batch, generator)
     if decoder.batch_exact:
         decoder.attend_runs = True
         decoder.attend_runs = rows_as_alone(decoder, max_batch, generator)
     if not decoder.batch_exact:
-        decoder.least_rows = {}
+        decoder.least_rows, decoder.block_spans = {}, False
     return decoder.batch_exact
 
 

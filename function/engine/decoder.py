@@ -85,11 +85,13 @@ class KVCache:
         return view
 
 
-def _span(end: int) -> int:
-    """The columns a decoding row whose keys end at `end` attends to: `end` rounded up to a whole
-    `BLOCK`, the columns beyond `end` masked. A row attends to as many columns alone as in any
-    batch where it ends in the same block, so the rows of a block attend in one call bitwise as alone."""
-    return -(-end // BLOCK) * BLOCK
+def _span(end: int, blocks: bool) -> int:
+    """The columns a decoding row whose keys end at `end` attends to. `blocks` (a decoder calibrated
+    for exact batching: `Decoder.block_spans`): `end` rounded up to a whole `BLOCK`, the columns
+    beyond `end` masked. A row then attends to as many columns alone as in any batch where it ends
+    in the same block, so the rows of a block attend in one call bitwise as alone. Else `end`: no
+    mask (alone, as on Lambda: the mask and the extra columns measured 2-3 % of a 4-bit step)."""
+    return -(-end // BLOCK) * BLOCK if blocks else end
 
 
 class Decoder:
@@ -130,6 +132,7 @@ class Decoder:
             int, int
         ] = {}  # fewest rows per matmul call, by projection (`function.engine.calibration`)
         self.measured_rows = 0  # most rows per matmul call `function.engine.calibration` measured
+        self.block_spans = False  # rows attend to whole blocks of columns (`_span`): set by calibration
         self.attend_runs = True  # neighbouring rows of one length attend in one call (`_runs`: calibrated)
         self.batch_exact = (
             False  # batched rows decode bitwise as alone, measured (`function.engine.calibration`)
@@ -161,8 +164,8 @@ class Decoder:
         their RoPE positions (the columns). Rows of different lengths: `prefill_row`, `step_rows`."""
         steps = ids.shape[1]
         end = start + steps
-        span = _span(end) if steps == 1 else end
-        hidden = (torch.arange(span) >= end)[None, None, None, :]  # the span's columns beyond the keys
+        span = _span(end, self.block_spans) if steps == 1 else end
+        hidden = (torch.arange(span) >= end)[None, None, None, :] if span > end else None  # beyond the keys
         for row in range(ids.shape[0]):
             cache.prepare(row, start, end, span)
         rotation = self._rotation(positions)
@@ -206,13 +209,15 @@ class Decoder:
         indices = torch.tensor(rows)
         columns = positions[:, 0]
         ends = (columns + 1).tolist()
-        spans = [_span(end) for end in ends] if exact else [max(ends)] * len(ends)
+        spans = [_span(end, self.block_spans) for end in ends] if exact else [max(ends)] * len(ends)
         for row, end, span in zip(rows, ends, spans, strict=True):
             cache.prepare(row, end - 1, end, span)
         # Calls of neighbouring rows that attend to the same columns (exact), or of every row (not)
         runs = _runs(rows, spans, joined=self.attend_runs) if exact else [(0, len(rows), 0, spans[0])]
         hidden = [  # each call's columns beyond each row's keys
             (torch.arange(span)[None, :] > columns[at:stop, None])[:, None, None, :]
+            if span > min(ends[at:stop])
+            else None
             for at, stop, _, span in runs
         ]
         rotation = self._rotation(positions)
@@ -283,17 +288,18 @@ class Decoder:
         return padded[:rows]
 
     def _attend(
-        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, hidden: torch.Tensor
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, hidden: torch.Tensor | None
     ) -> torch.Tensor:
         """One new token per row, in float32 (as transformers' fused kernel computes attention):
         queries [batch, 1, heads, head_dim] (scaled), keys and values [batch, kv_heads, columns,
-        head_dim]; `hidden` [batch, 1, 1, columns]: True where a row has no key (beyond its end:
+        head_dim]; `hidden` [batch, 1, 1, columns] (None: none): True where a row has no key (beyond its end:
         `_span`, or a shorter row's end). Three calls: measured faster at one query than PyTorch's
         fused kernel, which took 30 us a call here. Returns [batch, 1, heads * head_dim]."""
         batch = q.shape[0]
         grouped = q.reshape(batch, self.kv_heads, self.group, self.head_dim)  # heads sharing a key head
         scores = torch.matmul(grouped, keys.transpose(-1, -2))
-        scores = scores.masked_fill(hidden, float("-inf"))
+        if hidden is not None:
+            scores.masked_fill_(hidden, float("-inf"))
         attended = torch.matmul(torch.softmax(scores, dim=-1), values)
         return attended.view(batch, 1, self.heads * self.head_dim)
 

@@ -26,7 +26,8 @@ def test_runs_join_neighbouring_cache_rows_that_attend_to_the_same_columns() -> 
         (4, 5, 5, 128),
         (5, 6, 6, 64),
     ]
-    assert [_span(end) for end in (1, BLOCK, BLOCK + 1)] == [BLOCK, BLOCK, 2 * BLOCK]
+    assert [_span(end, True) for end in (1, BLOCK, BLOCK + 1)] == [BLOCK, BLOCK, 2 * BLOCK]
+    assert [_span(end, False) for end in (1, BLOCK, BLOCK + 1)] == [1, BLOCK, BLOCK + 1]
 
 
 def decoded(decoder: Decoder, lengths: list[int], steps: int, calls: list[int]) -> tuple[Any, Any]:
@@ -114,3 +115,30 @@ def test_calibration_keeps_rows_apart_where_one_call_rounds_differently() -> Non
 
     assert calls == [1] * 4 * len(decoder.layers)
     assert torch.equal(together, alone)
+
+
+def test_only_a_decoder_calibrated_for_exact_batches_attends_to_whole_blocks() -> None:
+    decoder = Decoder(fused_copy(tiny("qwen2", torch.bfloat16)))
+    seen: list[tuple[int, bool]] = []  # each attention call's columns, and whether it masked any
+    attend = decoder._attend
+
+    def spying(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, hidden: Any) -> torch.Tensor:
+        seen.append((keys.shape[2], hidden is not None))
+        return attend(q, keys, values, hidden)
+
+    def one_step() -> None:
+        cache = decoder.new_cache(1, 8)
+        decoder.forward(torch.tensor([[5, 17, 42]]), torch.arange(3)[None], cache, 0)
+        decoder._attend = spying  # type: ignore[method-assign]  # a spy: the real attention runs
+        try:
+            decoder.forward(torch.tensor([[3]]), torch.tensor([[3]]), cache, 3)
+        finally:
+            del decoder._attend
+
+    with torch.inference_mode():
+        one_step()  # alone, no batcher (Lambda): its 4 keys, no mask
+        assert calibrate(decoder, 2) and decoder.block_spans
+        one_step()  # as it would in a batch: the block, masked beyond its keys
+
+    layers = len(decoder.layers)
+    assert seen == [(4, False)] * layers + [(BLOCK, True)] * layers
