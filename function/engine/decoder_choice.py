@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from function.engine.calibration import calibrate
-from function.engine.decoder import Decoder
+from function.engine.decoder import BLOCK, Decoder
 from function.engine.projections import (
     Int4Projection,
     Int8Projection,
@@ -132,7 +132,12 @@ def attach_decoder(
             exact = calibrate(decoder, batch_rows)
         padded = sum(1 for least in decoder.least_rows.values() if least > 1)
         reason += (
-            f"; batched rows decode bitwise as alone (measured; {padded} matmuls take 2 rows at least)"
+            f"; batched rows decode bitwise as alone (measured; {padded} matmuls take 2 rows at least; "
+            + (
+                f"the rows of a {BLOCK}-column block attend in one call)"
+                if decoder.attend_runs
+                else "rows attend one at a time)"
+            )
             if exact
             else "; batched rows do not decode bitwise as alone here (measured): greedy requests run alone"
         )

@@ -262,6 +262,9 @@ def test_our_decoder_batches_bf16_and_quantized_greedy_rows_bitwise_as_alone(
     loaded = batched.current
     assert loaded is not None and loaded.decoder is not None and loaded.decoder.batch_exact
     assert exact_batching(loaded) and "bitwise as alone" in loaded.decoder_reason
+    assert "the rows of a 64-column block attend in one call" in loaded.decoder_reason
+    assert unbatched.current is not None and unbatched.current.decoder is not None
+    assert not unbatched.current.decoder.block_spans  # no batcher: rows attend to their keys, unmasked
     prompts = PROMPTS[:4]  # of different lengths: each row without padding
 
     expected = [unbatched.generate(prompt, greedy).continuations for prompt in prompts]
