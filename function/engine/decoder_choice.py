@@ -24,6 +24,7 @@ from function.engine.projections import (
     release_pages,
 )
 from function.weights.cpu import DECODER_MODEL_TYPES
+from function.weights.memory import memory_available
 
 if TYPE_CHECKING:
     from function.config import Settings
@@ -80,13 +81,14 @@ def tied_output(model: Any) -> bool:
     return model.lm_head.weight is model.model.embed_tokens.weight
 
 
-def fuse_model(model: Any) -> None:
+def fuse_model(model: Any, *, pack_tied_output: bool = False) -> None:
     """Fuse and pack every layer's projections in place (`unsupported_reason` must be None).
 
-    A tied output layer stays as it is: packing it would hold the embedding twice (SmolLM2-135M:
-    +56 MB, Llama-3.2-1B: +525 MB) to save 0.65 ms a token here (docs/benchmarks.md). The pages of
-    the weights replaced are given back at once (`release_pages`): they may be views of a file
-    mapping or of the weights-in-memory buffers, which the remaining views keep mapped."""
+    A tied output layer stays as it is unless `pack_tied_output`: packing it holds the embedding
+    twice (SmolLM2-135M: +56 MB, Llama-3.2-1B: +525 MB) for a 1.1-1.2x faster batch-1 step here
+    (docs/benchmarks.md; `tied_output_choice`). The pages of the weights replaced are given back at
+    once (`release_pages`): they may be views of a file mapping or of the weights-in-memory buffers,
+    which the remaining views keep mapped."""
     groups: list[tuple[Any, tuple[str, ...]]] = []
     for layer in model.model.layers:
         groups += [
@@ -103,29 +105,65 @@ def fuse_model(model: Any) -> None:
         id(t) for parent, names in groups for name in names for t in getattr(parent, name).parameters()
     }
     kept = kept_spans(t for t in (*model.parameters(), *model.buffers()) if id(t) not in replaced_ids)
+    tied = tied_output(model)
     for parent, names in groups:
         replaced = plain_weights(getattr(parent, name) for name in names)
         fuse_into(parent, names)
         release_pages(replaced, kept)
         del replaced
+    if tied and pack_tied_output:  # a packed copy; the embedding keeps the weight and its pages
+        fuse_into(model, ("lm_head",))
+
+
+def tied_output_choice(model: Any, setting: str, *, on_lambda: bool) -> tuple[bool, str]:
+    """Whether `fuse_model` packs a tied output layer (PACK_TIED_OUTPUT), and the reason's words."""
+    if not tied_output(model):
+        return False, ""
+    weight = model.lm_head.weight
+    megabytes = weight.numel() * weight.element_size() / 2**20
+    if setting != "auto":
+        packed = setting == "true"
+        return packed, f"tied output layer {'packed' if packed else 'shared'}: PACK_TIED_OUTPUT={setting}"
+    if on_lambda:
+        return False, "tied output layer shared: on Lambda, packing it would raise the INIT's memory peak"
+    available = memory_available()
+    if available is None or 4 * megabytes * 2**20 > available:
+        left = "unknown" if available is None else f"{available / 2**20:,.0f} MB"
+        return (
+            False,
+            f"tied output layer shared: its {megabytes:,.0f} MB copy is over a quarter of {left} available",
+        )
+    return (
+        True,
+        f"tied output layer packed too (+{megabytes:,.0f} MB; {available / 2**20:,.0f} MB were available)",
+    )
 
 
 def attach_decoder(
-    loaded: LoadedModel, setting: str, *, compiled: bool, batch_rows: int | None = None
+    loaded: LoadedModel,
+    setting: str,
+    *,
+    compiled: bool,
+    batch_rows: int | None = None,
+    pack_tied: str = "false",
+    on_lambda: bool = False,
 ) -> LoadedModel:
     """`loaded` with our decoder when it can run the model (its linear layers packed in place), else
     as it was; either way with the reason /model_info shows. Never fails a load: a model ours can't
     take decodes with transformers. `batch_rows`: the micro-batcher's largest batch, to `calibrate`
-    exact batching for (None: no batcher, or a model whose batching needs no measuring)."""
+    exact batching for (None: no batcher, or a model whose batching needs no measuring). `pack_tied`:
+    PACK_TIED_OUTPUT (`tied_output_choice`)."""
     reason = _transformers_reason(loaded, setting, compiled=compiled)
     if reason is not None:
         return replace(loaded, decoder=None, decoder_reason=f"transformers: {reason}")
-    fuse_model(loaded.model)
+    packed, tied = tied_output_choice(loaded.model, pack_tied, on_lambda=on_lambda)
+    fuse_model(loaded.model, pack_tied_output=packed)
     decoder = Decoder(loaded.model)
     kernels = KERNELS[type(decoder.layers[0].o)] if decoder.layers else "no"
     logger.info("decoder: ours (%s matmuls)", kernels)
     reason = (
-        f"ours: a {loaded.model.config.model_type} model on CPU ({kernels} matmuls, q/k/v and gate/up fused)"
+        f"ours: a {loaded.model.config.model_type} model on CPU ({kernels} matmuls, q/k/v and gate/up fused"
+        + (f"; {tied})" if tied else ")")
     )
     if batch_rows is not None and batch_rows > 1:
         with torch.inference_mode():
@@ -185,4 +223,11 @@ def load_with_decoder(
         check_path=check_path,
     )
     rows = settings.batch_max_size if batching and not float32_batching(loaded) else None
-    return attach_decoder(loaded, settings.decoder, compiled=compiled, batch_rows=rows)
+    return attach_decoder(
+        loaded,
+        settings.decoder,
+        compiled=compiled,
+        batch_rows=rows,
+        pack_tied=settings.pack_tied_output,
+        on_lambda=settings.on_lambda,
+    )
