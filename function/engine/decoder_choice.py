@@ -117,7 +117,7 @@ def fuse_model(model: Any, *, pack_tied_output: bool = False) -> None:
 
 def tied_output_choice(model: Any, setting: str, *, on_lambda: bool) -> tuple[bool, str]:
     """Whether `fuse_model` packs a tied output layer (PACK_TIED_OUTPUT), and the reason's words."""
-    if not tied_output(model):
+    if not tied_output(model) or not fusable((model.lm_head,)):
         return False, ""
     weight = model.lm_head.weight
     megabytes = weight.numel() * weight.element_size() / 2**20
@@ -127,11 +127,13 @@ def tied_output_choice(model: Any, setting: str, *, on_lambda: bool) -> tuple[bo
     if on_lambda:
         return False, "tied output layer shared: on Lambda, packing it would raise the INIT's memory peak"
     available = memory_available()
-    if available is None or 4 * megabytes * 2**20 > available:
-        left = "unknown" if available is None else f"{available / 2**20:,.0f} MB"
+    if available is None:
+        return False, "tied output layer shared: the memory available is unknown"
+    if 4 * megabytes * 2**20 > available:
         return (
             False,
-            f"tied output layer shared: its {megabytes:,.0f} MB copy is over a quarter of {left} available",
+            f"tied output layer shared: its {megabytes:,.0f} MB copy is over a quarter of the "
+            f"{available / 2**20:,.0f} MB available",
         )
     return (
         True,

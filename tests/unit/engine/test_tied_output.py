@@ -61,7 +61,14 @@ def test_pack_tied_output_auto_packs_in_server_mode_where_memory_allows(
     assert tied_output_choice(model, "auto", on_lambda=False)[0] is True
     monkeypatch.setattr(decoder_choice, "memory_available", lambda: int(4 * megabytes * 2**20) - 1)
     packed, reason = tied_output_choice(model, "auto", on_lambda=False)
-    assert not packed and reason.startswith("tied output layer shared: its 0 MB copy is over a quarter of")
+    assert not packed and reason.startswith(
+        "tied output layer shared: its 0 MB copy is over a quarter of the"
+    )
+    monkeypatch.setattr(decoder_choice, "memory_available", lambda: None)
+    assert tied_output_choice(model, "auto", on_lambda=False) == (
+        False,
+        "tied output layer shared: the memory available is unknown",
+    )
 
 
 @pytest.mark.slow
