@@ -10,7 +10,7 @@ import torch
 
 from function.engine.calibration import calibrate
 from function.engine.decoder import BLOCK, Decoder, _runs, _span
-from tests.unit.engine.test_decoder import fused_copy, tiny
+from tests.support.tiny_models import fused_copy, tiny
 
 
 def test_runs_join_neighbouring_cache_rows_that_attend_to_the_same_columns() -> None:

@@ -18,7 +18,7 @@ from function.engine.projections import PackedProjection
 from function.engine.types import SamplingParams
 from tests.support.example_model import example_model_dir
 from tests.support.settings import make_settings
-from tests.unit.engine.test_decoder import greedy_config, theirs, tiny
+from tests.support.tiny_models import greedy_config, theirs, tiny
 
 
 def test_a_packed_tied_output_layer_decodes_as_transformers_and_leaves_the_embedding() -> None:
