@@ -134,10 +134,9 @@ class Settings(BaseSettings):
         default="auto",
         description="Our decoder: pack a tied output layer (one sharing the input embedding's weight, as "
         "SmolLM2's and Llama-3.2's) for oneDNN like the other layers, holding that weight twice (measured "
-        "1.1-1.2x a batch-1 step on the example model, for +56 MB). auto: where the copy takes at most a "
-        "quarter of the memory available after the load, in server mode or a SnapStart INIT (once, before "
-        "the snapshot); not in an on-demand Lambda INIT, whose memory peak every cold start pays. "
-        "/model_info's decoder_reason says which.",
+        "1.1-1.2x a batch-1 step on the example model, for +56 MB). auto: in server mode where the copy "
+        "takes at most a quarter of the memory available after the load; not on Lambda, where it would "
+        "raise the INIT's memory peak. /model_info's decoder_reason says which.",
     )
     torch_compile: bool = Field(
         default=False,

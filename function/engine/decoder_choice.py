@@ -115,13 +115,8 @@ def fuse_model(model: Any, *, pack_tied_output: bool = False) -> None:
         fuse_into(model, ("lm_head",))
 
 
-def tied_output_choice(
-    model: Any, setting: str, *, on_lambda: bool, snap_start: bool = False
-) -> tuple[bool, str]:
-    """Whether `fuse_model` packs a tied output layer (PACK_TIED_OUTPUT), and the reason's words.
-    auto: where the copy takes at most a quarter of the memory available, in server mode or in a
-    SnapStart INIT (run once, before the snapshot); not in an on-demand Lambda INIT, whose memory
-    peak every cold start pays."""
+def tied_output_choice(model: Any, setting: str, *, on_lambda: bool) -> tuple[bool, str]:
+    """Whether `fuse_model` packs a tied output layer (PACK_TIED_OUTPUT), and the reason's words."""
     if not tied_output(model) or not fusable((model.lm_head,)):
         return False, ""
     weight = model.lm_head.weight
@@ -129,11 +124,8 @@ def tied_output_choice(
     if setting != "auto":
         packed = setting == "true"
         return packed, f"tied output layer {'packed' if packed else 'shared'}: PACK_TIED_OUTPUT={setting}"
-    if on_lambda and not snap_start:
-        return (
-            False,
-            "tied output layer shared: on Lambda on demand, packing it would raise every INIT's memory peak",
-        )
+    if on_lambda:
+        return False, "tied output layer shared: on Lambda, packing it would raise the INIT's memory peak"
     available = memory_available()
     if available is None:
         return False, "tied output layer shared: the memory available is unknown"
@@ -157,7 +149,6 @@ def attach_decoder(
     batch_rows: int | None = None,
     pack_tied: str = "false",
     on_lambda: bool = False,
-    snap_start: bool = False,
 ) -> LoadedModel:
     """`loaded` with our decoder when it can run the model (its linear layers packed in place), else
     as it was; either way with the reason /model_info shows. Never fails a load: a model ours can't
@@ -167,7 +158,7 @@ def attach_decoder(
     reason = _transformers_reason(loaded, setting, compiled=compiled)
     if reason is not None:
         return replace(loaded, decoder=None, decoder_reason=f"transformers: {reason}")
-    packed, tied = tied_output_choice(loaded.model, pack_tied, on_lambda=on_lambda, snap_start=snap_start)
+    packed, tied = tied_output_choice(loaded.model, pack_tied, on_lambda=on_lambda)
     fuse_model(loaded.model, pack_tied_output=packed)
     decoder = Decoder(loaded.model)
     kernels = KERNELS[type(decoder.layers[0].o)] if decoder.layers else "no"
@@ -241,5 +232,4 @@ def load_with_decoder(
         batch_rows=rows,
         pack_tied=settings.pack_tied_output,
         on_lambda=settings.on_lambda,
-        snap_start=settings.snap_start,
     )

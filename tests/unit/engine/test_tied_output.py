@@ -38,7 +38,7 @@ def test_a_packed_tied_output_layer_decodes_as_transformers_and_leaves_the_embed
     torch.testing.assert_close(logits, model(input_ids=input_ids).logits)
 
 
-def test_pack_tied_output_auto_packs_in_server_mode_and_snapstart_where_memory_allows(
+def test_pack_tied_output_auto_packs_in_server_mode_where_memory_allows(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     model = tiny("llama")
@@ -46,7 +46,7 @@ def test_pack_tied_output_auto_packs_in_server_mode_and_snapstart_where_memory_a
 
     assert tied_output_choice(model, "auto", on_lambda=True) == (
         False,
-        "tied output layer shared: on Lambda on demand, packing it would raise every INIT's memory peak",
+        "tied output layer shared: on Lambda, packing it would raise the INIT's memory peak",
     )
     assert tied_output_choice(model, "true", on_lambda=True) == (
         True,
@@ -59,8 +59,6 @@ def test_pack_tied_output_auto_packs_in_server_mode_and_snapstart_where_memory_a
     )  # not tied: packed anyway
     monkeypatch.setattr(decoder_choice, "memory_available", lambda: int(4 * megabytes * 2**20) + 1)
     assert tied_output_choice(model, "auto", on_lambda=False)[0] is True
-    # a SnapStart INIT runs once, before the snapshot: the memory rule decides there too
-    assert tied_output_choice(model, "auto", on_lambda=True, snap_start=True)[0] is True
     monkeypatch.setattr(decoder_choice, "memory_available", lambda: int(4 * megabytes * 2**20) - 1)
     packed, reason = tied_output_choice(model, "auto", on_lambda=False)
     assert not packed and reason.startswith(
