@@ -27,9 +27,9 @@ def calibrate(decoder: Decoder, max_batch: int, seed: int = 0, trials: int = 16)
     30 random inputs). So for each projection: the fewest rows (1, else 2, padding with zeros)
     for which every call of up to `max_batch` rows gives each row bitwise as a call of that row
     alone, over `trials` random inputs. Then a batch of random prompts of different lengths,
-    prefilled and decoded a few steps together, must give each row's logits bitwise as alone, first
-    with each row attending alone, then with rows that attend to the same columns in one call
-    (`decoder.attend_runs`: off where that fails, and the rows attend alone). Sets and returns
+    prefilled and decoded a few steps together, must give each row's logits bitwise as alone, with
+    rows that attend to the same columns in one call (`decoder.attend_runs`); where that fails, again
+    with each row attending alone (`attend_runs` off). Sets and returns
     `decoder.batch_exact` (False: batches may round rows differently). At most
     `CALIBRATED_ROWS` rows are measured (the cost grows with their square); bigger batches run
     their matmuls in calls of that many rows."""
@@ -60,11 +60,11 @@ def calibrate(decoder: Decoder, max_batch: int, seed: int = 0, trials: int = 16)
         for mine, theirs in zip(projections, [other.qkv, other.o, other.gate_up, other.down], strict=True):
             least_rows[id(theirs)] = least_rows[id(mine)]
     decoder.block_spans = True  # rows attend to whole blocks, alone as batched
-    decoder.attend_runs = False  # each row attending alone first, then a block's rows in one call
+    decoder.attend_runs = True  # a block's rows in one call; where that is not exact, each row alone
     decoder.batch_exact = rows_as_alone(decoder, max_batch, generator)
-    if decoder.batch_exact:
-        decoder.attend_runs = True
-        decoder.attend_runs = rows_as_alone(decoder, max_batch, generator)
+    if not decoder.batch_exact:
+        decoder.attend_runs = False
+        decoder.batch_exact = rows_as_alone(decoder, max_batch, generator)
     if not decoder.batch_exact:
         decoder.least_rows, decoder.block_spans = {}, False
     return decoder.batch_exact
