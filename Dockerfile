@@ -5,7 +5,7 @@
 #   HTTP server on a GPU host (build with --build-arg TORCH_VARIANT=cu128):
 #     docker run --gpus all -p 8000:8000 -e MODEL_PATH=s3://bucket/prefix/ --entrypoint python IMAGE \
 #       -m function serve --host 0.0.0.0 --port 8000
-FROM public.ecr.aws/lambda/python:3.12
+FROM public.ecr.aws/lambda/python:3.12 AS app
 
 # cpu (default, for Lambda) or a CUDA wheel index of PyTorch, e.g. cu128, for GPU hosts.
 ARG TORCH_VARIANT=cpu
@@ -33,5 +33,18 @@ COPY pyproject.toml README.md ./
 COPY function/ ./function/
 RUN pip install --no-cache-dir . && rm -rf build ./*.egg-info
 
+# Our decoder's layer loop in C++ (function/engine/native.py), compiled for this torch in a stage of its
+# own: the image keeps the library, not the compiler. The code that runs is ${LAMBDA_TASK_ROOT}/function
+# (first on Lambda's path, and the working directory's for `python -m function`), so it is built there.
+FROM app AS native
+# The compiler of the base image's own release (its repository pins it); build stage only.
+# hadolint ignore=DL3041
+RUN dnf install -y gcc-c++ && dnf clean all
+# ninja's version range is the `native` extra's, in pyproject.toml.
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir ".[native]" && python -m function build-native
+
+FROM app
+COPY --from=native ${LAMBDA_TASK_ROOT}/function/engine/_native/ ./function/engine/_native/
 EXPOSE 8000
 CMD ["function.handler.handler"]

@@ -8,11 +8,12 @@ EXAMPLE_MODEL ?= .example-model
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: help runtime-venv venv sam-venv checkov-venv serve example-model demo-model test lint typecheck pytest emulate emulate-snapstart bench bench-device bench-dtype bench-coldstart bench-load bench-llamacpp llamacpp-venv runai-venv clean
+.PHONY: help native runtime-venv venv sam-venv checkov-venv serve example-model demo-model test lint typecheck pytest emulate emulate-snapstart bench bench-device bench-dtype bench-coldstart bench-load bench-llamacpp llamacpp-venv runai-venv clean
 
 help:
 	@echo "make serve      run the API on $(HOST):$(PORT) (the built-in SmolLM2-135M-Instruct if MODEL_PATH is unset)"
 	@echo "make test       lint, type check and every test"
+	@echo "make native     compile the decoder's C++ layer loop (make serve and make test do it first)"
 	@echo "make emulate    the function in the Lambda emulator with its weights in a local S3 (no Docker)"
 	@echo "make emulate-snapstart SnapStart emulated: one INIT (weights in memory), restores forked from it"
 	@echo "make bench      throughput: engine vs plain generate, HTTP overhead, batching, cache, memory, compile"
@@ -30,16 +31,24 @@ help:
 $(BIN)/.installed-runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet -e '.[native]'
 	touch $@
 
 $(BIN)/.installed-dev: $(BIN)/.installed-runtime pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-runtime-venv: $(BIN)/.installed-runtime
+# Our decoder's layer loop in C++ (function/engine/native.py), compiled once for this torch (gcc, and ninja
+# from the `native` extra, on PATH). Where it is missing the decoder steps in Python, and /model_info says so.
+NATIVE_STAMP := function/engine/_native/stamp.json
+$(NATIVE_STAMP): $(BIN)/.installed-runtime function/engine/native_step.cpp function/engine/native.py
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m function build-native
 
-venv: $(BIN)/.installed-dev
+native: $(NATIVE_STAMP)
+
+runtime-venv: $(BIN)/.installed-runtime $(NATIVE_STAMP)
+
+venv: $(BIN)/.installed-dev $(NATIVE_STAMP)
 
 # aws-sam-cli pins its own boto3: it lives in a virtual environment of its own. It provides
 # `sam validate --lint`, `sam local generate-event` and the Lambda Runtime Interface Emulator.

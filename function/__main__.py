@@ -1,5 +1,5 @@
 """The command line: `serve` (the original guide's flags), `example-model`, `convert-gguf`, `demo-model`,
-`publish-model` and `test-api`.
+`publish-model`, `build-native` and `test-api`.
 
 Argument parsing imports nothing heavy; torch and transformers load only in the command run.
 """
@@ -11,6 +11,7 @@ import asyncio
 import errno
 import logging
 import socket
+import subprocess
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -119,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("s3_uri", help="where to publish: s3://bucket/prefix/")
     publish.add_argument("--no-progress", action="store_true", help="no progress output")
 
+    commands.add_parser(
+        "build-native",
+        help="compile our decoder's C++ layer loop (NATIVE_STEP), once, for this torch",
+        description="Compile function/engine/native_step.cpp with PyTorch's extension builder (needs gcc, "
+        "the Python headers and ninja: pip install -e '.[native]') into function/engine/_native/. Our "
+        "decoder steps its layers in C++ where this was built for the torch installed, else in Python. "
+        "Nothing to do when the build is current.",
+    )
     tester = commands.add_parser(
         "test-api",
         help="check a running server (the guide's test_api.py)",
@@ -332,6 +341,22 @@ def run_convert_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_build_native() -> int:
+    from function.engine import native
+
+    try:
+        library = native.build()
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:  # no compiler, no ninja, errors
+        print(f"error: the C++ step did not build: {exc}", file=sys.stderr)
+        return 1
+    module, why_not = native.load()
+    if module is None:
+        print(f"error: built {library}, but it is {why_not}", file=sys.stderr)
+        return 1
+    print(f"C++ step ready: {library}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
@@ -344,6 +369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_test_api(args)
     if args.command == "publish-model":
         return run_publish(args)
+    if args.command == "build-native":
+        return run_build_native()
     return run_demo_model(args)
 
 

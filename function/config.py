@@ -138,6 +138,13 @@ class Settings(BaseSettings):
         "takes at most a quarter of the memory available after the load; not on Lambda, where it would "
         "raise the INIT's memory peak. /model_info's decoder_reason says which.",
     )
+    native_step: Literal["auto", "false"] = Field(
+        default="auto",
+        description="Our decoder: run a decode step's layers in C++ (function/engine/native_step.cpp: the "
+        "same ops, bitwise the same tokens; 1.2-1.5x a step on the example model) where `python -m "
+        "function build-native` built it for this torch; else the same loop in Python. false: always "
+        "Python. /model_info's decoder_reason says which, and why not.",
+    )
     torch_compile: bool = Field(
         default=False,
         description="Server mode: decode with a static KV cache and a torch.compile'd forward. Each new "

@@ -137,6 +137,7 @@ class Decoder:
         self.batch_exact = (
             False  # batched rows decode bitwise as alone, measured (`function.engine.calibration`)
         )
+        self.native: Any = None  # the layer loop in C++ (`_decode_layers`; function.engine.native)
 
     def new_cache(self, batch: int, length: int) -> KVCache:
         return KVCache(len(self.layers), batch, self.kv_heads, length, self.head_dim)
@@ -163,22 +164,19 @@ class Decoder:
         `start .. start+T-1` (a prompt: at 0) of rows without padding; `positions` [batch, T] are
         their RoPE positions (the columns). Rows of different lengths: `prefill_row`, `step_rows`."""
         steps = ids.shape[1]
+        if steps == 1:  # a token a row: as `step_rows` decodes it (bitwise as alone)
+            return self._step(ids, positions, cache, list(range(ids.shape[0])), exact=True)
         end = start + steps
-        span = _span(end, self.block_spans) if steps == 1 else end
-        hidden = (torch.arange(span) >= end)[None, None, None, :] if span > end else None  # beyond the keys
         for row in range(ids.shape[0]):
-            cache.prepare(row, start, end, span)
+            cache.prepare(row, start, end, end)
         rotation = self._rotation(positions)
         x: torch.Tensor = self.embed(ids)
-        for index, layer in enumerate(self.layers):
+        for index, layer in enumerate(self.layers):  # the prompt's tokens attend to each other, causally
             q, k, v = self._attention_inputs(x, layer, rotation)
             keys, values = cache.keys[index], cache.values[index]
             keys[:, :, start:end] = k.transpose(1, 2)
             values[:, :, start:end] = v.transpose(1, 2)
-            if steps > 1:  # a prompt: its tokens attend to each other, causally
-                attended = self._attend_prompt(q, keys[:, :, start:end], values[:, :, start:end])
-            else:
-                attended = self._attend(q, keys[:, :, :span], values[:, :, :span], hidden)
+            attended = self._attend_prompt(q, keys[:, :, start:end], values[:, :, start:end])
             x = self._mlp(x + self._project(layer.o, attended.to(x.dtype)), layer)
         return self._logits(x)
 
@@ -206,7 +204,11 @@ class Decoder:
             rows = list(range(tokens.shape[0]))
         elif not exact:
             raise ValueError("rows attending together take every row of the cache")
-        indices = torch.tensor(rows)
+        return self._step(tokens, positions, cache, rows, exact=exact)
+
+    def _step(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows: list[int], *, exact: bool
+    ) -> torch.Tensor:
         columns = positions[:, 0]
         ends = (columns + 1).tolist()
         spans = [_span(end, self.block_spans) for end in ends] if exact else [max(ends)] * len(ends)
@@ -221,12 +223,38 @@ class Decoder:
             for at, stop, _, span in runs
         ]
         rotation = self._rotation(positions)
-        x: torch.Tensor = self.embed(tokens)
+        x = self._decode_layers(
+            self.embed(tokens), rotation, cache, torch.tensor(rows), columns, runs, hidden
+        )
+        return self._logits(x)
+
+    def _decode_layers(
+        self,
+        x: torch.Tensor,
+        rotation: torch.Tensor,
+        cache: KVCache,
+        rows: torch.Tensor,
+        columns: torch.Tensor,
+        runs: list[tuple[int, int, int, int]],
+        hidden: list[torch.Tensor | None],
+    ) -> torch.Tensor:
+        """Every layer for one token a row: `x` [batch, 1, hidden size] (embedded); the token's key
+        and value go to cache row `rows[b]`, column `columns[b]`; each run of `_runs` attends in one
+        call, its masked columns `hidden`. In C++ where `native` is set (function.engine.native: the
+        same ops, bitwise the same logits), else here."""
+        if self.native is not None:
+            first = self.layers[0]
+            least = [self.least_rows.get(id(p), 1) for p in (first.qkv, first.o, first.gate_up, first.down)]
+            measured = self.measured_rows if self.least_rows else 0
+            output: torch.Tensor = self.native.decode(
+                x, rotation, cache.keys, cache.values, rows, columns, runs, hidden, least, measured
+            )
+            return output
         for index, layer in enumerate(self.layers):
             q, k, v = self._attention_inputs(x, layer, rotation)
             keys, values = cache.keys[index], cache.values[index]
-            keys[indices, :, columns] = k[:, 0]
-            values[indices, :, columns] = v[:, 0].float()
+            keys[rows, :, columns] = k[:, 0]
+            values[rows, :, columns] = v[:, 0].float()
             calls = [
                 self._attend(
                     q[at:stop],
@@ -238,7 +266,7 @@ class Decoder:
             ]
             attended = calls[0] if len(calls) == 1 else torch.cat(calls)
             x = self._mlp(x + self._project(layer.o, attended.to(x.dtype)), layer)
-        return self._logits(x)
+        return x
 
     def _rotation(self, positions: torch.Tensor) -> torch.Tensor:
         """RoPE's rotation at `positions` [batch, T], for every query head and key head: [batch, T,

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from function.engine import native
 from function.engine.calibration import calibrate
 from function.engine.decoder import BLOCK, Decoder
 from function.engine.projections import (
@@ -149,23 +150,26 @@ def attach_decoder(
     batch_rows: int | None = None,
     pack_tied: str = "false",
     on_lambda: bool = False,
+    native_step: str = "auto",
 ) -> LoadedModel:
     """`loaded` with our decoder when it can run the model (its linear layers packed in place), else
     as it was; either way with the reason /model_info shows. Never fails a load: a model ours can't
     take decodes with transformers. `batch_rows`: the micro-batcher's largest batch, to `calibrate`
     exact batching for (None: no batcher, or a model whose batching needs no measuring). `pack_tied`:
-    PACK_TIED_OUTPUT (`tied_output_choice`)."""
+    PACK_TIED_OUTPUT (`tied_output_choice`). `native_step`: NATIVE_STEP (`native_choice`)."""
     reason = _transformers_reason(loaded, setting, compiled=compiled)
     if reason is not None:
         return replace(loaded, decoder=None, decoder_reason=f"transformers: {reason}")
     packed, tied = tied_output_choice(loaded.model, pack_tied, on_lambda=on_lambda)
     fuse_model(loaded.model, pack_tied_output=packed)
     decoder = Decoder(loaded.model)
+    decoder.native, loop = native_choice(decoder, native_step)
     kernels = KERNELS[type(decoder.layers[0].o)] if decoder.layers else "no"
-    logger.info("decoder: ours (%s matmuls)", kernels)
+    logger.info("decoder: ours (%s matmuls; %s)", kernels, loop)
     reason = (
         f"ours: a {loaded.model.config.model_type} model on CPU ({kernels} matmuls, q/k/v and gate/up fused"
-        + (f"; {tied})" if tied else ")")
+        + (f"; {tied}" if tied else "")
+        + f"; {loop})"
     )
     if batch_rows is not None and batch_rows > 1:
         with torch.inference_mode():
@@ -183,6 +187,20 @@ def attach_decoder(
         )
         logger.info("decoder: %s", reason)
     return replace(loaded, decoder=decoder, decoder_reason=reason)
+
+
+def native_choice(decoder: Decoder, setting: str) -> tuple[Any, str]:
+    """The C++ layer loop for `decoder` (function.engine.native) where NATIVE_STEP allows and it is
+    built, else None; and the reason's words."""
+    if setting == "false":
+        return None, "layers stepped in Python: NATIVE_STEP=false"
+    module, why_not = native.load()
+    if module is None:
+        return None, f"layers stepped in Python: the C++ step is {why_not}"
+    layers = native.native_layers(decoder)
+    if layers is None:
+        return None, "layers stepped in Python: the C++ step does not take these projections"
+    return layers, "layers stepped in C++"
 
 
 def _transformers_reason(loaded: LoadedModel, setting: str, *, compiled: bool) -> str | None:
@@ -232,4 +250,5 @@ def load_with_decoder(
         batch_rows=rows,
         pack_tied=settings.pack_tied_output,
         on_lambda=settings.on_lambda,
+        native_step=settings.native_step,
     )

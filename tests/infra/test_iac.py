@@ -37,7 +37,10 @@ def test_dockerfile_passes_hadolint() -> None:
 def test_dockerfile_is_a_lambda_image_with_the_emulators_handler() -> None:
     dockerfile = (REPO / "Dockerfile").read_text(encoding="utf-8")
 
-    assert re.search(r"^FROM public\.ecr\.aws/lambda/python:3\.12\s*$", dockerfile, re.MULTILINE)
+    assert re.search(r"^FROM public\.ecr\.aws/lambda/python:3\.12 AS app\s*$", dockerfile, re.MULTILINE)
+    assert dockerfile.count("\nFROM ") == 3 and re.search(
+        r"^FROM app\s*$", dockerfile, re.MULTILINE
+    )  # built on it
     assert dockerfile.rstrip().splitlines()[-1] == f'CMD ["{LambdaEmulator.HANDLER}"]'
     assert "ARG TORCH_VARIANT=cpu" in dockerfile and "ARG TORCH_VERSION=2.13.0" in dockerfile
     for setting in ("HF_HOME=/tmp/", "TORCH_HOME=/tmp/", "HF_HUB_OFFLINE=1", "MODEL_CACHE_DIR=/tmp/"):

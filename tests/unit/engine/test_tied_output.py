@@ -79,7 +79,7 @@ def test_the_engine_says_whether_it_packed_the_tied_output_layer() -> None:
     shared = Engine(make_settings(model_path=str(example_model), pack_tied_output="false"))
     shared.load_startup_model()
     assert packed.current is not None and shared.current is not None
-    assert "; tied output layer packed: PACK_TIED_OUTPUT=true)" in packed.current.decoder_reason
+    assert "; tied output layer packed: PACK_TIED_OUTPUT=true;" in packed.current.decoder_reason
     assert isinstance(packed.current.model.lm_head, PackedProjection)
     assert type(shared.current.model.lm_head) is torch.nn.Linear
     ids = packed.current.tokenizer("The capital of France is", return_tensors="pt").input_ids
