@@ -12,7 +12,9 @@ each decode step writes a row's key at its own column. Greedy rows that must dec
 alone (function.engine.calibration measured they can: `batch_exact`) attend to their keys up to a
 whole block (`_span`), as alone, in one call with the neighbouring rows of their block (measured
 too: `attend_runs`), and leave the batch when they finish; other batches (sampled rows,
-float32's, BATCH_REDUCED_PRECISION's) attend together.
+float32's, BATCH_REDUCED_PRECISION's) attend together. Where `native` is set, a token's layers
+step in C++ instead (function.engine.native): each row attends to its own keys alone there, so
+the blocks and runs are the Python step's alone. Prompts prefill here either way.
 Which models it takes, and their preparation: function.engine.decoder_choice.
 
 What it covers (anything else decodes with transformers, and /model_info says why): model types
@@ -211,6 +213,10 @@ class Decoder:
     ) -> torch.Tensor:
         columns = positions[:, 0]
         ends = (columns + 1).tolist()
+        if self.native is not None:  # each row attends to its own keys alone, whatever the batch
+            for row, end in zip(rows, ends, strict=True):
+                cache.prepare(row, end - 1, end, end)
+            return self._logits(self._native_layers(self.embed(tokens), cache, rows, columns))
         spans = [_span(end, self.block_spans) for end in ends] if exact else [max(ends)] * len(ends)
         for row, end, span in zip(rows, ends, spans, strict=True):
             cache.prepare(row, end - 1, end, span)
@@ -228,6 +234,20 @@ class Decoder:
         )
         return self._logits(x)
 
+    def _native_layers(
+        self, x: torch.Tensor, cache: KVCache, rows: list[int], columns: torch.Tensor
+    ) -> torch.Tensor:
+        """`_decode_layers` in C++ (function.engine.native): the same matmul calls, our own loops
+        between them, each row attending to its own keys `0 .. columns[b]` alone (no runs, no mask)."""
+        first = self.layers[0]
+        least = [self.least_rows.get(id(p), 1) for p in (first.qkv, first.o, first.gate_up, first.down)]
+        measured = self.measured_rows if self.least_rows else 0
+        turns = torch.view_as_real(self._rope_rotations(int(columns.max()) + 1)[columns])
+        output: torch.Tensor = self.native.decode(
+            x, turns, cache.keys, cache.values, rows, columns.tolist(), least, measured
+        )
+        return output
+
     def _decode_layers(
         self,
         x: torch.Tensor,
@@ -240,16 +260,7 @@ class Decoder:
     ) -> torch.Tensor:
         """Every layer for one token a row: `x` [batch, 1, hidden size] (embedded); the token's key
         and value go to cache row `rows[b]`, column `columns[b]`; each run of `_runs` attends in one
-        call, its masked columns `hidden`. In C++ where `native` is set (function.engine.native: the
-        same ops, bitwise the same logits), else here."""
-        if self.native is not None:
-            first = self.layers[0]
-            least = [self.least_rows.get(id(p), 1) for p in (first.qkv, first.o, first.gate_up, first.down)]
-            measured = self.measured_rows if self.least_rows else 0
-            output: torch.Tensor = self.native.decode(
-                x, rotation, cache.keys, cache.values, rows, columns, runs, hidden, least, measured
-            )
-            return output
+        call, its masked columns `hidden`. (`_native_layers` where `native` is set.)"""
         for index, layer in enumerate(self.layers):
             q, k, v = self._attention_inputs(x, layer, rotation)
             keys, values = cache.keys[index], cache.values[index]

@@ -178,7 +178,9 @@ def attach_decoder(
         reason += (
             f"; batched rows decode bitwise as alone (measured; {padded} matmuls take 2 rows at least; "
             + (
-                f"the rows of a {BLOCK}-column block attend in one call)"
+                "each row attends to its own keys, in C++)"
+                if decoder.native is not None
+                else f"the rows of a {BLOCK}-column block attend in one call)"
                 if decoder.attend_runs
                 else "rows attend one at a time)"
             )
@@ -194,12 +196,9 @@ def native_choice(decoder: Decoder, setting: str) -> tuple[Any, str]:
     built, else None; and the reason's words."""
     if setting == "false":
         return None, "layers stepped in Python: NATIVE_STEP=false"
-    module, why_not = native.load()
-    if module is None:
-        return None, f"layers stepped in Python: the C++ step is {why_not}"
-    layers = native.native_layers(decoder)
+    layers, why_not = native.native_layers(decoder)
     if layers is None:
-        return None, "layers stepped in Python: the C++ step does not take these projections"
+        return None, f"layers stepped in Python: the C++ step {why_not}"
     return layers, "layers stepped in C++"
 
 

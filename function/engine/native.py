@@ -1,17 +1,21 @@
-"""Our decoder's layer loop in C++ (`native_step.cpp`): built once, ahead of time, loaded if current.
+"""Our decoder's decode step in C++ (`native_step.cpp`): built once, ahead of time, loaded if current.
 
-A decode step of a small model is ~35 ATen calls a layer; from Python each pays the interpreter and
-the argument parsing, ~1,000 times a step. The C++ loop makes the same calls on the same tensors
-(its logits are bitwise the Python loop's; tests check it), without Python between them and without
-the GIL. Measured on SmolLM2-135M, 2 cores, side by side: 1.17x a bfloat16 step, 1.24x an 8-bit one,
-1.46x a 4-bit one, 1.2x an 8-row batch (docs/benchmarks.md).
+The Python step of a small model is ~35 ATen calls a layer, each with the interpreter, argument
+parsing, dispatch and an allocation: ~1,000 a step, about a fifth of a bfloat16 step and two fifths
+of an int4 one on SmolLM2-135M. The C++ step makes the same matmul calls and does everything between
+them in loops of its own, a row at a time (RMSNorm, RoPE and the cache writes, attention over the
+row's own keys, SiLU, the residual adds), without the GIL. Measured side by side on SmolLM2-135M,
+2 cores (docs/benchmarks.md): 1.36x a bfloat16 step, 1.54x an int8 one, 1.81x an int4 one, 1.26x an
+8-row batch. Its logits are not bitwise the Python step's (another order of additions: within
+bfloat16's rounding, and equal greedy tokens in float32, tested), but each row's are bitwise the same
+in any batch, since no loop mixes rows.
 
-It is built with PyTorch's C++ extension builder (gcc and ninja) by `python -m function build-native`
+It is built with PyTorch's extension builder (gcc and ninja) by `python -m function build-native`
 (`make native`, which `make serve` and `make test` run; the Dockerfile builds it in a stage of its
 own), into `_native/` beside this file, with a stamp of the torch version and the source's hash. It
 is never compiled at run time: on Lambda that would land on the cold path, and the image has no
-compiler. Where it is missing, stale or fails to load, the decoder runs the Python loop and
-/model_info's decoder_reason says why (`NATIVE_STEP`).
+compiler. Where it is missing, stale or fails to load, the decoder steps in Python and /model_info's
+decoder_reason says why (`NATIVE_STEP`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ MODULE_NAME = "llm_function_native_step"
 STAMP = BUILD_DIRECTORY / "stamp.json"
 REBUILD = "build it: python -m function build-native"
 PACKED, INT8, INT4 = 0, 1, 2  # native_step.cpp's `Kind`
+ACTIVATION_DTYPES = (torch.bfloat16, torch.float32)  # its loops' element types
 
 _build_lock = threading.Lock()
 
@@ -94,21 +99,27 @@ def load() -> tuple[Any, str]:
     return module, ""
 
 
-def native_layers(decoder: Any) -> Any:
-    """The C++ `Layers` over `decoder`'s weights (shared, not copied), or None where a projection is
-    of a kind it does not run."""
-    module, _ = load()
-    if module is None or not decoder.layers:
-        return None
+def native_layers(decoder: Any) -> tuple[Any, str]:
+    """The C++ `Layers` over `decoder`'s weights (shared, not copied), or None and why it can't run
+    them (worded to follow "the C++ step")."""
+    module, why_not = load()
+    if module is None:
+        return None, f"is {why_not}"
+    if decoder.dtype not in ACTIVATION_DTYPES:
+        return None, f"takes bfloat16 or float32 activations, not {str(decoder.dtype).removeprefix('torch.')}"
     projections = [
         [_projection(module, getattr(layer, name)) for layer in decoder.layers]
         for name in ("qkv", "o", "gate_up", "down")
     ]
-    if any(projection is None for group in projections for projection in group):
-        return None
-    return module.Layers(
-        [layer.attention_norm for layer in decoder.layers],
-        [layer.mlp_norm for layer in decoder.layers],
+    if not decoder.layers or any(projection is None for group in projections for projection in group):
+        return None, "does not take these projections"
+    norms = [weight for layer in decoder.layers for weight in (layer.attention_norm, layer.mlp_norm)]
+    if any(weight.dtype != decoder.dtype for weight in norms):
+        return None, "takes norm weights of the activations' dtype"
+    width = decoder.hidden_size
+    layers = module.Layers(
+        [layer.attention_norm[:width] for layer in decoder.layers],  # `_doubled`'s first half
+        [layer.mlp_norm[:width] for layer in decoder.layers],
         *projections,
         decoder.heads,
         decoder.kv_heads,
@@ -116,6 +127,7 @@ def native_layers(decoder: Any) -> Any:
         decoder.intermediate,
         float(decoder.eps),
     )
+    return layers, ""
 
 
 def _projection(module: Any, projection: Projection) -> Any:

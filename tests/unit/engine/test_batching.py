@@ -247,22 +247,32 @@ def test_half_precision_greedy_runs_alone_unless_allowed(demo_model_dir: Path) -
     assert [completion.batch_size for completion in together] == [3, 3, 3]
 
 
-@pytest.mark.parametrize("quantization", ["none", "8bit"])
+@pytest.mark.parametrize(
+    ("quantization", "native_step"), [("none", "auto"), ("8bit", "auto"), ("none", "false")]
+)
 def test_our_decoder_batches_bf16_and_quantized_greedy_rows_bitwise_as_alone(
-    demo_model_dir: Path, quantization: str
+    demo_model_dir: Path, quantization: str, native_step: str
 ) -> None:
-    # Our decoder measured at load that batched rows round as alone (function.engine.calibration)
+    # Our decoder measured at load that batched rows round as alone (function.engine.calibration),
+    # its layers stepped in C++ (function.engine.native) or in Python
     greedy = SamplingParams(max_new_tokens=12, temperature=0)
-    batched = engine_for(demo_model_dir, cpu_dtype="bfloat16", batch_max_size=4, batch_window_ms=1000)
+    batched = engine_for(
+        demo_model_dir, cpu_dtype="bfloat16", batch_max_size=4, batch_window_ms=1000, native_step=native_step
+    )
     if quantization != "none":
         batched.load(str(demo_model_dir), quantization)  # type: ignore[arg-type]
-    unbatched = engine_for(demo_model_dir, cpu_dtype="bfloat16", batch_max_size=1)
+    unbatched = engine_for(demo_model_dir, cpu_dtype="bfloat16", batch_max_size=1, native_step=native_step)
     if quantization != "none":
         unbatched.load(str(demo_model_dir), quantization)  # type: ignore[arg-type]
     loaded = batched.current
     assert loaded is not None and loaded.decoder is not None and loaded.decoder.batch_exact
     assert exact_batching(loaded) and "bitwise as alone" in loaded.decoder_reason
-    assert "the rows of a 64-column block attend in one call" in loaded.decoder_reason
+    attention = (
+        "each row attends to its own keys, in C++"
+        if native_step == "auto"
+        else "the rows of a 64-column block attend in one call"
+    )
+    assert attention in loaded.decoder_reason
     assert unbatched.current is not None and unbatched.current.decoder is not None
     assert not unbatched.current.decoder.block_spans  # no batcher: rows attend to their keys, unmasked
     prompts = PROMPTS[:4]  # of different lengths: each row without padding
