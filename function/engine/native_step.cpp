@@ -21,6 +21,7 @@
 #include <cstring>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -82,10 +83,12 @@ Tensor call(const Projection& projection, const Tensor& input) {
 }
 
 // e^x for x <= 88.7 (Cephes' expf: 2^n times a degree-6 polynomial; ~1 ulp), branch-free so that
-// loops over it vectorize. Below -87.3 it gives ~1e-38, not 0: a weight of nothing, either way.
+// loops over it vectorize: n is rounded by adding and subtracting 1.5 * 2^23 (std::floor keeps GCC
+// from vectorizing). Below -87.3 it gives ~1e-38, not 0: a weight of nothing, either way.
 inline float exp_of(float x) {
-  x = std::min(std::max(x, -87.3f), 88.7f);
-  float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  x = x < -87.3f ? -87.3f : x;
+  x = x > 88.7f ? 88.7f : x;
+  float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = x - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -99,6 +102,60 @@ inline float exp_of(float x) {
   std::memcpy(&scale, &bits, sizeof scale);
   return y * scale;
 }
+
+// The loops read and write bfloat16 as its bits (uint16_t: the compiler vectorizes no loads of
+// c10::BFloat16, a class), converted as c10 converts it: round to nearest even, NaN to 0x7FC0.
+template <typename T>
+using Bits = std::conditional_t<std::is_same_v<T, float>, float, uint16_t>;
+
+template <typename T>
+Bits<T>* bits_of(const Tensor& tensor) {
+  return reinterpret_cast<Bits<T>*>(tensor.data_ptr<T>());
+}
+
+inline float widen(float value) { return value; }
+inline float widen(uint16_t value) {
+  uint32_t bits = static_cast<uint32_t>(value) << 16;
+  float result;
+  std::memcpy(&result, &bits, sizeof result);
+  return result;
+}
+
+template <typename S>
+inline S narrow(float value);
+template <>
+inline float narrow<float>(float value) {
+  return value;
+}
+template <>
+inline uint16_t narrow<uint16_t>(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>(value != value ? 0x7FC0u : rounded);
+}
+
+// `value` rounded to S's precision, kept in a float (narrow, then widen: in 32 bits, so that the loops
+// around it vectorize).
+template <typename S>
+inline float round_as(float value);
+template <>
+inline float round_as<float>(float value) {
+  return value;
+}
+template <>
+inline float round_as<uint16_t>(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  bits = value != value ? 0x7FC00000u : (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+  float result;
+  std::memcpy(&result, &bits, sizeof result);
+  return result;
+}
+
+// Loops over a row go a chunk at a time through float buffers (kChunk, a multiple of kLanes): a loop
+// that mixes 16-bit loads with float arithmetic and int conversions is one GCC does not vectorize.
+constexpr int64_t kChunk = 256;
 
 inline float lanes_sum(const float* lanes) {  // the fixed tree over 16 lanes
   float half[8], quarter[4];
@@ -121,38 +178,46 @@ inline float dot(const float* a, const float* b, int64_t n) {
 // transformers' LlamaRMSNorm: in float32, x / sqrt(mean(x^2) + eps), rounded to T, times the weight.
 template <typename T>
 CLONED void rms_norm(const T* x, const T* weight, T* out, int64_t width, float eps) {
-  float lanes[kLanes] = {};
-  int64_t whole = width - width % kLanes;
-  for (int64_t i = 0; i < whole; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      float v = static_cast<float>(x[i + l]);
-      lanes[l] += v * v;
+  float lanes[kLanes] = {}, row[kChunk], scale[kChunk];
+  for (int64_t at = 0; at < width; at += kChunk) {
+    int64_t n = std::min(kChunk, width - at);
+    for (int64_t i = 0; i < n; ++i) row[i] = widen(x[at + i]);
+    int64_t whole = n - n % kLanes;
+    for (int64_t i = 0; i < whole; i += kLanes) {
+      for (int l = 0; l < kLanes; ++l) lanes[l] += row[i + l] * row[i + l];
     }
-  }
-  for (int64_t i = whole; i < width; ++i) {
-    float v = static_cast<float>(x[i]);
-    lanes[i - whole] += v * v;
+    for (int64_t i = whole; i < n; ++i) lanes[i - whole] += row[i] * row[i];
   }
   float inverse = 1.0f / std::sqrt(lanes_sum(lanes) / static_cast<float>(width) + eps);
-  for (int64_t i = 0; i < width; ++i) {
-    T normed = static_cast<T>(static_cast<float>(x[i]) * inverse);
-    out[i] = static_cast<T>(static_cast<float>(weight[i]) * static_cast<float>(normed));
+  for (int64_t at = 0; at < width; at += kChunk) {
+    int64_t n = std::min(kChunk, width - at);
+    for (int64_t i = 0; i < n; ++i) {
+      row[i] = widen(x[at + i]);
+      scale[i] = widen(weight[at + i]);
+    }
+    for (int64_t i = 0; i < n; ++i) row[i] = scale[i] * round_as<T>(row[i] * inverse);
+    for (int64_t i = 0; i < n; ++i) out[at + i] = narrow<T>(row[i]);
   }
 }
 
 // silu(gate) * up, each rounded to T as PyTorch's two ops round them.
 template <typename T>
 CLONED void silu_times_up(const T* gate, const T* up, T* out, int64_t width) {
-  for (int64_t i = 0; i < width; ++i) {
-    float g = static_cast<float>(gate[i]);
-    T silu = static_cast<T>(g / (1.0f + exp_of(-g)));
-    out[i] = static_cast<T>(static_cast<float>(silu) * static_cast<float>(up[i]));
+  float gates[kChunk], ups[kChunk];
+  for (int64_t at = 0; at < width; at += kChunk) {
+    int64_t n = std::min(kChunk, width - at);
+    for (int64_t i = 0; i < n; ++i) {
+      gates[i] = widen(gate[at + i]);
+      ups[i] = widen(up[at + i]);
+    }
+    for (int64_t i = 0; i < n; ++i) gates[i] = round_as<T>(gates[i] / (1.0f + exp_of(-gates[i]))) * ups[i];
+    for (int64_t i = 0; i < n; ++i) out[at + i] = narrow<T>(gates[i]);
   }
 }
 
 template <typename T>
 CLONED void add_into(T* x, const T* y, int64_t width) {
-  for (int64_t i = 0; i < width; ++i) x[i] = static_cast<T>(static_cast<float>(x[i]) + static_cast<float>(y[i]));
+  for (int64_t i = 0; i < width; ++i) x[i] = narrow<T>(widen(x[i]) + widen(y[i]));
 }
 
 // One head's RoPE (Decoder._attention_inputs): element i pairs with i + half, the pair rotated by
@@ -160,7 +225,7 @@ CLONED void add_into(T* x, const T* y, int64_t width) {
 template <typename T>
 inline void rotate(const T* head, const float* rotation, float scale, float* out, int64_t half) {
   for (int64_t i = 0; i < half; ++i) {
-    float a = static_cast<float>(head[i]), b = static_cast<float>(head[i + half]);
+    float a = widen(head[i]), b = widen(head[i + half]);
     float c = rotation[2 * i] * scale, s = rotation[2 * i + 1] * scale;
     out[2 * i] = a * c - b * s;
     out[2 * i + 1] = a * s + b * c;
@@ -203,7 +268,7 @@ CLONED void attend_head(const float* q, const float* keys, const float* values, 
     float weight = scores[j];
     for (int64_t d = 0; d < head_dim; ++d) sums[d] += weight * value[d];
   }
-  for (int64_t d = 0; d < head_dim; ++d) out[d] = static_cast<T>(sums[d] / total);
+  for (int64_t d = 0; d < head_dim; ++d) out[d] = narrow<T>(sums[d] / total);
 }
 
 #if AVX512_ATTENTION
@@ -252,7 +317,7 @@ __attribute__((target("avx512f"))) void attend_head_avx512(const float* query, c
   }
   alignas(64) float result[width];
   for (int v = 0; v < VECTORS; ++v) _mm512_store_ps(result + 16 * v, sums[v]);
-  for (int64_t d = 0; d < width; ++d) out[d] = static_cast<T>(result[d] / total);
+  for (int64_t d = 0; d < width; ++d) out[d] = narrow<T>(result[d] / total);
 }
 #endif
 
@@ -306,19 +371,20 @@ struct Layers {
     Tensor gated = at::empty({batch, 1, s.intermediate}, x.options());
     Tensor attended = at::empty({batch, 1, s.heads * s.head_dim}, x.options());
     Tensor queries = at::empty({batch, s.heads, s.head_dim}, x.options().dtype(at::kFloat));
-    T* hidden = x.data_ptr<T>();
+    using S = Bits<T>;
+    S* hidden = bits_of<T>(x);
     const float* turns = rotation.data_ptr<float>();
     for (size_t index = 0; index < qkv.size(); ++index) {
       for (int64_t b = 0; b < batch; ++b) {
-        rms_norm(hidden + b * s.width, attention_norm[index].data_ptr<T>(), normed.data_ptr<T>() + b * s.width,
-                 s.width, s.eps);
+        rms_norm(hidden + b * s.width, bits_of<T>(attention_norm[index]), bits_of<T>(normed) + b * s.width, s.width,
+                 s.eps);
       }
       Tensor mixed = project(qkv[index], normed, least[0], measured);
       float* key_base = keys[index].data_ptr<float>();
       float* value_base = values[index].data_ptr<float>();
       int64_t stride = (s.heads + 2 * s.kv_heads) * s.head_dim;
       for (int64_t b = 0; b < batch; ++b) {  // RoPE; the key and value into the row's column
-        const T* row = mixed.data_ptr<T>() + b * stride;
+        const S* row = bits_of<T>(mixed) + b * stride;
         const float* turn = turns + b * half * 2;
         for (int64_t h = 0; h < s.heads; ++h) {
           rotate(row + h * s.head_dim, turn, s.scale, queries.data_ptr<float>() + (b * s.heads + h) * s.head_dim,
@@ -327,14 +393,14 @@ struct Layers {
         for (int64_t g = 0; g < s.kv_heads; ++g) {
           int64_t at = ((rows[b] * s.kv_heads + g) * length + columns[b]) * s.head_dim;
           rotate(row + (s.heads + g) * s.head_dim, turn, 1.0f, key_base + at, half);
-          const T* value = row + (s.heads + s.kv_heads + g) * s.head_dim;
-          for (int64_t d = 0; d < s.head_dim; ++d) value_base[at + d] = static_cast<float>(value[d]);
+          const S* value = row + (s.heads + s.kv_heads + g) * s.head_dim;
+          for (int64_t d = 0; d < s.head_dim; ++d) value_base[at + d] = widen(value[d]);
         }
       }
       // Each (row, head) alone, in parallel where there is enough of it.
       int64_t grain = std::max<int64_t>(1, 16384 / (longest * s.head_dim));
       const float* query_base = queries.data_ptr<float>();
-      T* attended_base = attended.data_ptr<T>();
+      S* attended_base = bits_of<T>(attended);
       at::parallel_for(0, batch * s.heads, grain, [&](int64_t begin, int64_t end) {
         std::vector<float> scores(longest), sums(s.head_dim);
         for (int64_t item = begin; item < end; ++item) {
@@ -346,18 +412,17 @@ struct Layers {
       });
       Tensor projected = project(o[index], attended, least[1], measured);
       for (int64_t b = 0; b < batch; ++b) {
-        add_into(hidden + b * s.width, projected.data_ptr<T>() + b * s.width, s.width);
-        rms_norm(hidden + b * s.width, mlp_norm[index].data_ptr<T>(), normed.data_ptr<T>() + b * s.width, s.width,
-                 s.eps);
+        add_into(hidden + b * s.width, bits_of<T>(projected) + b * s.width, s.width);
+        rms_norm(hidden + b * s.width, bits_of<T>(mlp_norm[index]), bits_of<T>(normed) + b * s.width, s.width, s.eps);
       }
       Tensor both = project(gate_up[index], normed, least[2], measured);
       for (int64_t b = 0; b < batch; ++b) {
-        const T* row = both.data_ptr<T>() + b * 2 * s.intermediate;
-        silu_times_up(row, row + s.intermediate, gated.data_ptr<T>() + b * s.intermediate, s.intermediate);
+        const S* row = bits_of<T>(both) + b * 2 * s.intermediate;
+        silu_times_up(row, row + s.intermediate, bits_of<T>(gated) + b * s.intermediate, s.intermediate);
       }
       Tensor down_out = project(down[index], gated, least[3], measured);
       for (int64_t b = 0; b < batch; ++b) {
-        add_into(hidden + b * s.width, down_out.data_ptr<T>() + b * s.width, s.width);
+        add_into(hidden + b * s.width, bits_of<T>(down_out) + b * s.width, s.width);
       }
     }
     return x;
