@@ -24,6 +24,7 @@ import hashlib
 import importlib.machinery
 import importlib.util
 import json
+import shutil
 import threading
 from functools import cache
 from pathlib import Path
@@ -57,8 +58,9 @@ def build(verbose: bool = False) -> Path:
     with _build_lock:
         if STAMP.exists() and json.loads(STAMP.read_text()) == _stamp() and _library().exists():
             return _library()
-        BUILD_DIRECTORY.mkdir(exist_ok=True)
-        STAMP.unlink(missing_ok=True)
+        # From scratch: ninja would call a library built against another torch's headers current.
+        shutil.rmtree(BUILD_DIRECTORY, ignore_errors=True)
+        BUILD_DIRECTORY.mkdir()
         cpp_extension.load(
             MODULE_NAME,
             [str(SOURCE)],

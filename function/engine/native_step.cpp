@@ -313,7 +313,9 @@ __attribute__((target("avx512f"))) void attend_head_avx512(const float* query, c
   for (int v = 0; v < VECTORS; ++v) sums[v] = _mm512_setzero_ps();
   for (int64_t c = 0; c < end; ++c) {
     __m512 weight = _mm512_set1_ps(scores[c]);
-    for (int v = 0; v < VECTORS; ++v) sums[v] = _mm512_fmadd_ps(weight, _mm512_loadu_ps(values + c * width + 16 * v), sums[v]);
+    for (int v = 0; v < VECTORS; ++v) {
+      sums[v] = _mm512_fmadd_ps(weight, _mm512_loadu_ps(values + c * width + 16 * v), sums[v]);
+    }
   }
   alignas(64) float result[width];
   for (int v = 0; v < VECTORS; ++v) _mm512_store_ps(result + 16 * v, sums[v]);
@@ -354,6 +356,13 @@ struct Layers {
     return call(projection, at::cat({x, x.new_zeros(padding)})).slice(0, 0, rows).contiguous();
   }
 
+  // A projection's output as the loops read it: contiguous, the activations' dtype, `columns` wide.
+  static Tensor checked(Tensor output, const Tensor& x, int64_t batch, int64_t columns) {
+    TORCH_CHECK(output.is_contiguous() && output.scalar_type() == x.scalar_type() && output.numel() == batch * columns,
+                "a projection gave ", output.sizes(), " ", output.scalar_type(), ", not ", batch, " rows of ", columns);
+    return output;
+  }
+
   template <typename T>
   Tensor decode_as(Tensor x, const Tensor& rotation, std::vector<Tensor>& keys, std::vector<Tensor>& values,
                    const std::vector<int64_t>& rows, const std::vector<int64_t>& columns,
@@ -379,10 +388,10 @@ struct Layers {
         rms_norm(hidden + b * s.width, bits_of<T>(attention_norm[index]), bits_of<T>(normed) + b * s.width, s.width,
                  s.eps);
       }
-      Tensor mixed = project(qkv[index], normed, least[0], measured);
+      int64_t stride = (s.heads + 2 * s.kv_heads) * s.head_dim;
+      Tensor mixed = checked(project(qkv[index], normed, least[0], measured), x, batch, stride);
       float* key_base = keys[index].data_ptr<float>();
       float* value_base = values[index].data_ptr<float>();
-      int64_t stride = (s.heads + 2 * s.kv_heads) * s.head_dim;
       for (int64_t b = 0; b < batch; ++b) {  // RoPE; the key and value into the row's column
         const S* row = bits_of<T>(mixed) + b * stride;
         const float* turn = turns + b * half * 2;
@@ -410,17 +419,17 @@ struct Layers {
                       scores.data(), sums.data(), attended_base + item * s.head_dim);
         }
       });
-      Tensor projected = project(o[index], attended, least[1], measured);
+      Tensor projected = checked(project(o[index], attended, least[1], measured), x, batch, s.width);
       for (int64_t b = 0; b < batch; ++b) {
         add_into(hidden + b * s.width, bits_of<T>(projected) + b * s.width, s.width);
         rms_norm(hidden + b * s.width, bits_of<T>(mlp_norm[index]), bits_of<T>(normed) + b * s.width, s.width, s.eps);
       }
-      Tensor both = project(gate_up[index], normed, least[2], measured);
+      Tensor both = checked(project(gate_up[index], normed, least[2], measured), x, batch, 2 * s.intermediate);
       for (int64_t b = 0; b < batch; ++b) {
         const S* row = bits_of<T>(both) + b * 2 * s.intermediate;
         silu_times_up(row, row + s.intermediate, bits_of<T>(gated) + b * s.intermediate, s.intermediate);
       }
-      Tensor down_out = project(down[index], gated, least[3], measured);
+      Tensor down_out = checked(project(down[index], gated, least[3], measured), x, batch, s.width);
       for (int64_t b = 0; b < batch; ++b) {
         add_into(hidden + b * s.width, bits_of<T>(down_out) + b * s.width, s.width);
       }
@@ -449,7 +458,9 @@ struct Layers {
     }
     py::gil_scoped_release released;
     Tensor x = input.contiguous().clone();
-    if (x.scalar_type() == at::kBFloat16) return decode_as<at::BFloat16>(x, rotation, keys, values, rows, columns, least, measured);
+    if (x.scalar_type() == at::kBFloat16) {
+      return decode_as<at::BFloat16>(x, rotation, keys, values, rows, columns, least, measured);
+    }
     TORCH_CHECK(x.scalar_type() == at::kFloat, "bfloat16 or float32 activations");
     return decode_as<float>(x, rotation, keys, values, rows, columns, least, measured);
   }

@@ -200,3 +200,16 @@ def test_build_native_is_quick_and_says_so_when_the_build_is_current(
     assert main(["build-native"]) == 0
 
     assert capsys.readouterr().out == f"C++ step ready: {native.BUILD_DIRECTORY / native.MODULE_NAME}.so\n"
+
+
+def test_a_projection_of_another_width_is_refused_before_it_is_read() -> None:
+    decoder = Decoder(fused_copy(tiny("llama", torch.bfloat16)))
+    decoder.intermediate += 32  # the C++ step told of a wider MLP than its weights give
+    layers, _ = native.native_layers(decoder)
+    cache = decoder.new_cache(1, 8)
+    x = decoder.embed(torch.tensor([[3]]))
+
+    with pytest.raises(RuntimeError, match=r"a projection gave \[1, 1, 256\] BFloat16, not 1 rows of 320"):
+        layers.decode(
+            x, torch.zeros(1, decoder.head_dim // 2, 2), cache.keys, cache.values, [0], [0], [1] * 4, 0
+        )
