@@ -41,7 +41,7 @@ $(BIN)/.installed-dev: $(BIN)/.installed-runtime pyproject.toml
 # Our decoder's layer loop in C++ (function/engine/native.py), compiled once for this torch (gcc, and ninja
 # from the `native` extra, on PATH). Where it is missing the decoder steps in Python, and /model_info says so.
 NATIVE_STAMP := function/engine/_native/stamp.json
-$(NATIVE_STAMP): $(BIN)/.installed-runtime function/engine/native_step.cpp function/engine/native.py
+$(NATIVE_STAMP): $(BIN)/.installed-runtime function/engine/native_step.cpp function/engine/native_loops.h function/engine/native.py
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m function build-native
 
 native: $(NATIVE_STAMP)

@@ -35,6 +35,7 @@ import torch
 from function.engine.projections import Int4Projection, Int8Projection, PackedProjection, Projection
 
 SOURCE = Path(__file__).with_name("native_step.cpp")
+SOURCES = (SOURCE, Path(__file__).with_name("native_loops.h"))  # what a build is compiled from
 BUILD_DIRECTORY = Path(__file__).with_name("_native")
 MODULE_NAME = "llm_function_native_step"
 STAMP = BUILD_DIRECTORY / "stamp.json"
@@ -46,13 +47,15 @@ _build_lock = threading.Lock()
 
 
 def _stamp() -> dict[str, str]:
-    """What a build is valid for: this torch and this source."""
-    return {"torch": torch.__version__, "source": hashlib.sha256(SOURCE.read_bytes()).hexdigest()}
+    """What a build is valid for: this torch and these sources."""
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES)).hexdigest()
+    return {"torch": torch.__version__, "source": digest}
 
 
 def build(verbose: bool = False) -> Path:
-    """Compile `native_step.cpp` into `BUILD_DIRECTORY` (PyTorch's extension builder: gcc and ninja;
-    a minute or so on 2 cores, nothing when the stamp is current) and return the library's path."""
+    """Compile `native_step.cpp` (with `native_loops.h`) into `BUILD_DIRECTORY` (PyTorch's extension
+    builder: gcc and ninja; half a minute on 2 cores, nothing when the stamp is current) and return
+    the library's path."""
     from torch.utils import cpp_extension
 
     with _build_lock:
@@ -87,7 +90,7 @@ def load() -> tuple[Any, str]:
     if stamp.get("torch") != torch.__version__:
         return None, f"built for torch {stamp.get('torch')}, not this torch {torch.__version__} ({REBUILD})"
     if stamp != _stamp():
-        return None, f"older than native_step.cpp ({REBUILD})"
+        return None, f"older than its sources ({REBUILD})"
     spec = importlib.util.spec_from_file_location(
         MODULE_NAME, _library(), loader=importlib.machinery.ExtensionFileLoader(MODULE_NAME, str(_library()))
     )

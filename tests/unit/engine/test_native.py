@@ -180,7 +180,7 @@ def test_a_missing_or_stale_build_leaves_the_python_loop_and_says_why(build_dire
     native.load.cache_clear()
     assert (
         native_choice(decoder, "auto")[1]
-        == f"layers stepped in Python: the C++ step is older than native_step.cpp ({fix})"
+        == f"layers stepped in Python: the C++ step is older than its sources ({fix})"
     )
     (build_directory / "stamp.json").write_text(json.dumps(native._stamp()))  # current, but no library
     native.load.cache_clear()
