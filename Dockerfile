@@ -45,6 +45,7 @@ RUN dnf install -y gcc-c++ && dnf clean all
 RUN pip install --no-cache-dir ".[native]" && python -m function build-native
 
 FROM app
-COPY --from=native ${LAMBDA_TASK_ROOT}/function/engine/_native/ ./function/engine/_native/
+COPY --from=native ${LAMBDA_TASK_ROOT}/function/engine/_native/llm_function_native_step.so \
+     ${LAMBDA_TASK_ROOT}/function/engine/_native/stamp.json ./function/engine/_native/
 EXPOSE 8000
 CMD ["function.handler.handler"]

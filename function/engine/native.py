@@ -24,7 +24,9 @@ import hashlib
 import importlib.machinery
 import importlib.util
 import json
+import platform
 import shutil
+import sysconfig
 import threading
 from functools import cache
 from pathlib import Path
@@ -47,9 +49,18 @@ _build_lock = threading.Lock()
 
 
 def _stamp() -> dict[str, str]:
-    """What a build is valid for: this torch and these sources."""
+    """What a build is valid for: this torch, this Python's extension ABI and machine, these sources."""
     digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES)).hexdigest()
-    return {"torch": torch.__version__, "source": digest}
+    abi = f"{sysconfig.get_config_var('SOABI')} {platform.machine()}"
+    return {"torch": torch.__version__, "python": abi, "source": digest}
+
+
+def _read_stamp() -> dict[str, str] | None:
+    try:
+        stamp = json.loads(STAMP.read_text())
+    except (OSError, ValueError):  # missing, unreadable, or cut short
+        return None
+    return stamp if isinstance(stamp, dict) else None
 
 
 def build(verbose: bool = False) -> Path:
@@ -59,7 +70,7 @@ def build(verbose: bool = False) -> Path:
     from torch.utils import cpp_extension
 
     with _build_lock:
-        if STAMP.exists() and json.loads(STAMP.read_text()) == _stamp() and _library().exists():
+        if _read_stamp() == _stamp() and _library().exists() and load()[0] is not None:
             return _library()
         # From scratch: ninja would call a library built against another torch's headers current.
         shutil.rmtree(BUILD_DIRECTORY, ignore_errors=True)
@@ -83,14 +94,21 @@ def _library() -> Path:
 @cache
 def load() -> tuple[Any, str]:
     """The built module and "" where it is current and loads; else None and why not, worded to
-    follow "the C++ step is"."""
-    if not _library().exists() or not STAMP.exists():
+    follow "the C++ step is". Never raises: a load falls back to the Python step."""
+    try:
+        return _load()
+    except OSError as error:  # a source missing from an install, an unreadable build
+        return None, f"not loadable: {error}"
+
+
+def _load() -> tuple[Any, str]:
+    stamp = _read_stamp()
+    if not _library().exists() or stamp is None:
         return None, f"not built ({REBUILD})"
-    stamp = json.loads(STAMP.read_text())
     if stamp.get("torch") != torch.__version__:
         return None, f"built for torch {stamp.get('torch')}, not this torch {torch.__version__} ({REBUILD})"
     if stamp != _stamp():
-        return None, f"older than its sources ({REBUILD})"
+        return None, f"built for another Python or older than its sources ({REBUILD})"
     spec = importlib.util.spec_from_file_location(
         MODULE_NAME, _library(), loader=importlib.machinery.ExtensionFileLoader(MODULE_NAME, str(_library()))
     )

@@ -25,14 +25,17 @@ namespace {
 
 constexpr int kLanes = 16;
 
-// e^x for x <= 88.7 (Cephes' expf: 2^n times a degree-6 polynomial; ~1 ulp), branch-free so that
+// e^x (Cephes' expf: 2^n times a degree-6 polynomial, within 2 units of 2^-24), branch-free so that
 // loops over it vectorize: n is rounded by adding and subtracting 1.5 * 2^23 (std::floor keeps GCC
-// from vectorizing). Below -87.3 it gives ~1e-38, not 0: a weight of nothing, either way.
+// from vectorizing; the build has no -ffast-math to undo it). x is clamped to [-87.3, 88.37]: below,
+// ~1e-38 instead of 0 (a weight of nothing, either way); above, where 2^n would overflow, e^88.37.
+// NaN gives NaN (the integer part is computed on 0 there: no float-to-int conversion of a NaN).
 inline float exp_of(float x) {
-  x = x < -87.3f ? -87.3f : x;
-  x = x > 88.7f ? 88.7f : x;
-  float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float clamped = x < -87.3f ? -87.3f : x;
+  clamped = clamped > 88.37626f ? 88.37626f : clamped;
+  clamped = x == x ? clamped : 0.0f;
+  float n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
@@ -43,7 +46,7 @@ inline float exp_of(float x) {
   int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
-  return y * scale;
+  return x == x ? y * scale : x;
 }
 
 // The loops read and write bfloat16 as its bits (uint16_t: the compiler vectorizes no loads of

@@ -193,10 +193,14 @@ struct Layers {
     TORCH_CHECK(input.dim() == 3 && input.size(1) == 1 && input.size(2) == shape.width, "x: [batch, 1, width]");
     TORCH_CHECK(rotation.scalar_type() == at::kFloat && rotation.is_contiguous() &&
                     rotation.numel() == batch * shape.head_dim, "rotation: [batch, head_dim / 2, 2] float32");
-    for (size_t i = 0; i < keys.size(); ++i) {
-      TORCH_CHECK(keys[i].scalar_type() == at::kFloat && keys[i].is_contiguous() && values[i].is_contiguous() &&
-                      keys[i].sizes() == values[i].sizes() && keys[i].size(1) == shape.kv_heads &&
-                      keys[i].size(3) == shape.head_dim, "the cache: [rows, kv_heads, length, head_dim] float32");
+    TORCH_CHECK(input.is_cpu() && rotation.is_cpu(), "CPU tensors");
+    for (size_t i = 0; i < keys.size(); ++i) {  // every layer's as the first's, which the loops index by
+      TORCH_CHECK(keys[i].scalar_type() == at::kFloat && values[i].scalar_type() == at::kFloat && keys[i].is_cpu() &&
+                      values[i].is_cpu() && keys[i].is_contiguous() && values[i].is_contiguous() &&
+                      keys[i].dim() == 4 && keys[i].sizes() == keys[0].sizes() &&
+                      values[i].sizes() == keys[0].sizes() && keys[i].size(1) == shape.kv_heads &&
+                      keys[i].size(3) == shape.head_dim,
+                  "the cache: [rows, kv_heads, length, head_dim] float32 on the CPU, alike in every layer");
     }
     py::gil_scoped_release released;
     Tensor x = input.contiguous().clone();

@@ -180,8 +180,12 @@ def test_a_missing_or_stale_build_leaves_the_python_loop_and_says_why(build_dire
     native.load.cache_clear()
     assert (
         native_choice(decoder, "auto")[1]
-        == f"layers stepped in Python: the C++ step is older than its sources ({fix})"
+        == "layers stepped in Python: the C++ step is built for another Python or older than its sources "
+        f"({fix})"
     )
+    (build_directory / "stamp.json").write_text('{"torch": "2.1')  # cut short: no exception, a reason
+    native.load.cache_clear()
+    assert native_choice(decoder, "auto")[1] == f"layers stepped in Python: the C++ step is not built ({fix})"
     (build_directory / "stamp.json").write_text(json.dumps(native._stamp()))  # current, but no library
     native.load.cache_clear()
     layers, reason = native_choice(decoder, "auto")
