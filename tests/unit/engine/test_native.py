@@ -217,3 +217,27 @@ def test_a_projection_of_another_width_is_refused_before_it_is_read() -> None:
         layers.decode(
             x, torch.zeros(1, decoder.head_dim // 2, 2), cache.keys, cache.values, [0], [0], [1] * 4, 0
         )
+
+
+def test_short_prompts_prefill_in_cpp_and_long_ones_in_python(monkeypatch: pytest.MonkeyPatch) -> None:
+    from function.engine import decoder as decoder_module
+
+    monkeypatch.setattr(decoder_module, "NATIVE_PROMPT_TOKENS", 4)
+    decoder = Decoder(fused_copy(tiny("llama", torch.float32)))
+    short, long = torch.tensor([5, 17, 33, 2]), torch.tensor([5, 17, 33, 2, 9, 40])
+
+    def prefilled(prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = decoder.new_cache(1, 16)
+        logits = decoder.prefill_row(prompt, cache, 0)
+        return logits, cache.keys[1][0, :, : len(prompt)].clone()
+
+    with torch.inference_mode():
+        python = [prefilled(prompt) for prompt in (short, long)]
+        with_cpp(decoder)
+        cpp = [prefilled(prompt) for prompt in (short, long)]
+
+    (python_short, python_keys), (python_long, python_long_keys) = python
+    (cpp_short, cpp_keys), (cpp_long, cpp_long_keys) = cpp
+    assert not torch.equal(cpp_short, python_short)  # the C++ loops: another order of additions
+    assert relative_error(cpp_short, python_short) < 1e-5 and relative_error(cpp_keys, python_keys) < 1e-5
+    assert torch.equal(cpp_long, python_long) and torch.equal(cpp_long_keys, python_long_keys)  # Python's
