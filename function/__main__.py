@@ -122,11 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser(
         "build-native",
-        help="compile our decoder's C++ layer loop (NATIVE_STEP), once, for this torch",
+        help="compile our decoder's C++ step (NATIVE_STEP), once, for this torch and Python",
         description="Compile function/engine/native_step.cpp with PyTorch's extension builder (needs gcc, "
         "the Python headers and ninja: pip install -e '.[native]') into function/engine/_native/. Our "
-        "decoder steps its layers in C++ where this was built for the torch installed, else in Python. "
-        "Nothing to do when the build is current.",
+        "decoder steps its layers (and prefills short prompts) in C++ where this was built for the torch "
+        "and Python installed, else in Python. Nothing to do when the build is current.",
     )
     tester = commands.add_parser(
         "test-api",
