@@ -6,13 +6,15 @@ of an int4 one on SmolLM2-135M. The C++ step makes the same matmul calls and doe
 them in loops of its own, a row at a time (RMSNorm, RoPE and the cache writes, attention over the
 row's own keys, SiLU, the residual adds), without the GIL. Measured side by side on SmolLM2-135M,
 2 cores (docs/benchmarks.md): 1.36x a bfloat16 step, 1.54x an int8 one, 1.81x an int4 one, 1.26x an
-8-row batch. Its logits are not bitwise the Python step's (another order of additions: within
-bfloat16's rounding, and equal greedy tokens in float32, tested), but each row's are bitwise the same
-in any batch, since no loop mixes rows.
+8-row batch. Prompts of up to `decoder.NATIVE_PROMPT_TOKENS` prefill through it too. Its logits are
+not bitwise the Python step's (another order of additions: within bfloat16's rounding, and equal
+greedy tokens in float32, tested), but each row's are bitwise the same in any batch, since no loop
+mixes rows.
 
 It is built with PyTorch's extension builder (gcc and ninja) by `python -m function build-native`
-(`make native`, which `make serve` and `make test` run; the Dockerfile builds it in a stage of its
-own), into `_native/` beside this file, with a stamp of the torch version and the source's hash. It
+(`make native`, which `make test` needs and `make serve` tries; the Dockerfile builds it in a stage
+of its own), into `_native/` beside this file, with a stamp of the torch version, the Python ABI and
+machine, and the sources' hash. It
 is never compiled at run time: on Lambda that would land on the cold path, and the image has no
 compiler. Where it is missing, stale or fails to load, the decoder steps in Python and /model_info's
 decoder_reason says why (`NATIVE_STEP`).
@@ -140,16 +142,19 @@ def native_layers(decoder: Any) -> tuple[Any, str]:
     if any(weight.dtype != decoder.dtype for weight in norms):
         return None, "takes norm weights of the activations' dtype"
     width = decoder.hidden_size
-    layers = module.Layers(
-        [layer.attention_norm[:width] for layer in decoder.layers],  # `_doubled`'s first half
-        [layer.mlp_norm[:width] for layer in decoder.layers],
-        *projections,
-        decoder.heads,
-        decoder.kv_heads,
-        decoder.head_dim,
-        decoder.intermediate,
-        float(decoder.eps),
-    )
+    try:
+        layers = module.Layers(
+            [layer.attention_norm[:width] for layer in decoder.layers],  # `_doubled`'s first half
+            [layer.mlp_norm[:width] for layer in decoder.layers],
+            *projections,
+            decoder.heads,
+            decoder.kv_heads,
+            decoder.head_dim,
+            decoder.intermediate,
+            float(decoder.eps),
+        )
+    except RuntimeError as error:  # shapes its checks refuse: the load goes on, in Python
+        return None, f"does not take this model: {str(error).splitlines()[0]}"
     return layers, ""
 
 

@@ -231,7 +231,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              TORCH_CHECK(count > 0 && attention_norm.size() == count && mlp_norm.size() == count &&
                              o.size() == count && gate_up.size() == count && down.size() == count,
                          "every layer needs its two norms and four projections");
-             TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0 && head_dim % 2 == 0, "head shapes");
+             TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0 && head_dim % 2 == 0, "heads ", heads, ", kv_heads ",
+                         kv_heads, ", head_dim ", head_dim, ": kv_heads must divide heads, head_dim be even");
              int64_t width = attention_norm[0].numel();
              for (size_t i = 0; i < count; ++i) {
                TORCH_CHECK(attention_norm[i].is_contiguous() && mlp_norm[i].is_contiguous() &&

@@ -241,3 +241,16 @@ def test_short_prompts_prefill_in_cpp_and_long_ones_in_python(monkeypatch: pytes
     assert not torch.equal(cpp_short, python_short)  # the C++ loops: another order of additions
     assert relative_error(cpp_short, python_short) < 1e-5 and relative_error(cpp_keys, python_keys) < 1e-5
     assert torch.equal(cpp_long, python_long) and torch.equal(cpp_long_keys, python_long_keys)  # Python's
+
+
+def test_head_shapes_the_cpp_step_refuses_keep_the_python_step_and_say_why() -> None:
+    decoder = Decoder(fused_copy(tiny("llama", torch.bfloat16)))
+    decoder.head_dim = 15  # (as a model's odd head width would)
+
+    layers, reason = native_choice(decoder, "auto")
+
+    assert layers is None
+    assert reason == (
+        "layers stepped in Python: the C++ step does not take this model: "
+        "heads 4, kv_heads 2, head_dim 15: kv_heads must divide heads, head_dim be even"
+    )
