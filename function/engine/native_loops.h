@@ -67,22 +67,8 @@ inline float widen(uint16_t value) {
   return result;
 }
 
-template <typename S>
-inline S narrow(float value);
-template <>
-inline float narrow<float>(float value) {
-  return value;
-}
-template <>
-inline uint16_t narrow<uint16_t>(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof bits);
-  uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  return static_cast<uint16_t>(value != value ? 0x7FC0u : rounded);
-}
-
-// `value` rounded to S's precision, kept in a float (narrow, then widen: in 32 bits, so that the loops
-// around it vectorize).
+// `value` rounded to S's precision, kept in a float (in 32 bits, so that the loops around it
+// vectorize): for bfloat16, to nearest even, NaN to the quiet NaN 0x7FC0.
 template <typename S>
 inline float round_as(float value);
 template <>
@@ -97,6 +83,21 @@ inline float round_as<uint16_t>(float value) {
   float result;
   std::memcpy(&result, &bits, sizeof result);
   return result;
+}
+
+// `value` as S: a float, or bfloat16's bits (`round_as`'s upper half).
+template <typename S>
+inline S narrow(float value);
+template <>
+inline float narrow<float>(float value) {
+  return value;
+}
+template <>
+inline uint16_t narrow<uint16_t>(float value) {
+  float rounded = round_as<uint16_t>(value);
+  uint32_t bits;
+  std::memcpy(&bits, &rounded, sizeof bits);
+  return static_cast<uint16_t>(bits >> 16);
 }
 
 // Loops over a row go a chunk at a time through float buffers (kChunk, a multiple of kLanes): a loop
