@@ -148,17 +148,18 @@ struct Layers {
           for (int64_t d = 0; d < s.head_dim; ++d) value_base[at + d] = widen(value[d]);
         }
       }
-      // Each (row, head) alone, in parallel where there is enough of it.
-      int64_t grain = std::max<int64_t>(1, 16384 / (longest * s.head_dim));
+      // Each row's heads that share a key head together (each head's arithmetic as alone), in parallel
+      // where there is enough of it.
+      int64_t grain = std::max<int64_t>(1, 16384 / (longest * s.head_dim * group));
       const float* query_base = queries.data_ptr<float>();
       S* attended_base = bits_of<T>(attended);
-      at::parallel_for(0, batch * s.heads, grain, [&](int64_t begin, int64_t end) {
-        std::vector<float> scores(longest), sums(s.head_dim);
+      at::parallel_for(0, batch * s.kv_heads, grain, [&](int64_t begin, int64_t end) {
+        std::vector<float> scores(group * longest), sums(s.head_dim);
         for (int64_t item = begin; item < end; ++item) {
-          int64_t b = item / s.heads, h = item % s.heads;
-          int64_t at = (rows[b] * s.kv_heads + h / group) * length * s.head_dim;
-          attend(query_base + item * s.head_dim, key_base + at, value_base + at, columns[b] + 1, s.head_dim,
-                      scores.data(), sums.data(), attended_base + item * s.head_dim);
+          int64_t b = item / s.kv_heads, first = (b * s.heads + item % s.kv_heads * group) * s.head_dim;
+          int64_t at = (rows[b] * s.kv_heads + item % s.kv_heads) * length * s.head_dim;
+          attend(query_base + first, key_base + at, value_base + at, columns[b] + 1, s.head_dim, group,
+                 scores.data(), sums.data(), attended_base + first);
         }
       });
       Tensor projected = checked(project(o[index], attended, least[1], measured), x, batch, s.width);

@@ -36,14 +36,16 @@ LLAMA3_ROPE = {
 }
 
 
-def tiny(kind: str, dtype: torch.dtype = torch.float32) -> Any:
+def tiny(kind: str, dtype: torch.dtype = torch.float32, **shape: Any) -> Any:
+    """A tiny random model of `kind`; `shape` overrides SHAPE's sizes."""
     torch.manual_seed(0)
+    shape = {**SHAPE, **shape}
     if kind == "llama":  # tied embeddings, as SmolLM2's
-        model = LlamaForCausalLM(LlamaConfig(**SHAPE, tie_word_embeddings=True))
+        model = LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=True))
     elif kind == "llama3":  # Llama 3.x's RoPE: frequencies rescaled by band
-        model = LlamaForCausalLM(LlamaConfig(**SHAPE, rope_parameters=LLAMA3_ROPE))
+        model = LlamaForCausalLM(LlamaConfig(**shape, rope_parameters=LLAMA3_ROPE))
     else:  # qwen2: biases on q, k and v
-        model = Qwen2ForCausalLM(Qwen2Config(**SHAPE, tie_word_embeddings=False))
+        model = Qwen2ForCausalLM(Qwen2Config(**shape, tie_word_embeddings=False))
     with torch.no_grad():  # random weights this small give flat logits: sharpen them so argmaxes don't tie
         model.lm_head.weight.mul_(8)
     return model.to(dtype).eval()

@@ -72,6 +72,28 @@ def test_the_cpp_step_computes_what_the_python_step_does(
     assert all(torch.isfinite(step).all() for step in cpp)
 
 
+@pytest.mark.parametrize(
+    ("head_dim", "heads", "kv_heads"),
+    [
+        (64, 7, 1),  # 7 query heads on one key head: AVX-512 calls of 4 heads, then 3
+        (64, 6, 3),  # 2 a key head
+        (128, 5, 1),  # calls of 2, 2 and 1 (head_dim 128: 2 heads fill the registers)
+        (128, 2, 2),  # one a key head
+    ],
+)
+def test_heads_sharing_a_key_head_attend_in_cpp_as_in_python(head_dim: int, heads: int, kv_heads: int) -> None:
+    """The attention loop's widths (AVX-512 where the CPU has it) and groups of query heads."""
+    shape = {"hidden_size": head_dim * heads, "num_attention_heads": heads, "num_key_value_heads": kv_heads}
+    decoder = Decoder(fused_copy(tiny("llama", **shape)))
+    assert decoder.head_dim == head_dim
+    tokens = [torch.randint(96, (3, 1), generator=torch.Generator().manual_seed(step)) for step in range(6)]
+    with torch.inference_mode():
+        python = forced(decoder, tokens)
+        cpp = forced(with_cpp(decoder), tokens)
+
+    assert all(relative_error(mine, want) < 1e-5 for mine, want in zip(cpp, python, strict=True))
+
+
 @pytest.mark.parametrize("kind", ["llama", "llama3", "qwen2"])
 def test_greedy_tokens_in_cpp_equal_transformers_in_float32(kind: str) -> None:
     model = tiny(kind)
