@@ -42,7 +42,7 @@ $(BIN)/.installed-dev: $(BIN)/.installed-runtime pyproject.toml
 # from the `native` extra, on PATH). Where it is missing the decoder steps in Python, and /model_info says so.
 # `make test` needs it built (its tests fail, not skip, without it); `make serve` serves without it.
 NATIVE_STAMP := function/engine/_native/stamp.json
-$(NATIVE_STAMP): $(BIN)/.installed-runtime function/engine/native_step.cpp function/engine/native_loops.h function/engine/native.py
+$(NATIVE_STAMP): $(BIN)/.installed-runtime function/engine/native_step.cpp function/engine/native_loops.h function/engine/native_matmul.h function/engine/native.py
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m function build-native
 	touch $@
 

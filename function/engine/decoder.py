@@ -143,6 +143,7 @@ class Decoder:
             False  # batched rows decode bitwise as alone, measured (`function.engine.calibration`)
         )
         self.native: Any = None  # the layer loop in C++ (`_decode_layers`; function.engine.native)
+        self.native_head: Any = None  # our matmul for a plain output layer (`_project`; native.native_head)
 
     def new_cache(self, batch: int, length: int) -> KVCache:
         return KVCache(len(self.layers), batch, self.kv_heads, length, self.head_dim)
@@ -259,7 +260,7 @@ class Decoder:
             least, measured = [1, 1, 1, 1], 0
         turns = torch.view_as_real(self._rope_rotations(int(columns.max()) + 1)[columns])
         output: torch.Tensor = self.native.decode(
-            x, turns, cache.keys, cache.values, rows, columns.tolist(), least, measured
+            x, turns, cache.keys, cache.values, rows, columns.tolist(), least, measured, prompt
         )
         return output
 
@@ -330,6 +331,9 @@ class Decoder:
         """`projection(x)`; with fewer rows than calibration found the kernel needs to round a row as
         it does in any batch, zero rows are added (and their results dropped); with more rows than it
         measured, the call is cut into calls of at most that many."""
+        if projection is self.head and self.native_head is not None:  # each row alone, by construction
+            head: torch.Tensor = self.native_head(x)
+            return head
         rows = x.shape[0]
         if self.least_rows and rows > self.measured_rows:
             chunks = range(0, rows, self.measured_rows)

@@ -151,19 +151,21 @@ def attach_decoder(
     pack_tied: str = "false",
     on_lambda: bool = False,
     native_step: str = "auto",
+    batching: bool = True,
 ) -> LoadedModel:
     """`loaded` with our decoder when it can run the model (its linear layers packed in place), else
     as it was; either way with the reason /model_info shows. Never fails a load: a model ours can't
     take decodes with transformers. `batch_rows`: the micro-batcher's largest batch, to `calibrate`
     exact batching for (None: no batcher, or a model whose batching needs no measuring). `pack_tied`:
-    PACK_TIED_OUTPUT (`tied_output_choice`). `native_step`: NATIVE_STEP (`native_choice`)."""
+    PACK_TIED_OUTPUT (`tied_output_choice`). `native_step`: NATIVE_STEP; `batching`: a micro-batcher
+    serves it (`native_choice`)."""
     reason = _transformers_reason(loaded, setting, compiled=compiled)
     if reason is not None:
         return replace(loaded, decoder=None, decoder_reason=f"transformers: {reason}")
     packed, tied = tied_output_choice(loaded.model, pack_tied, on_lambda=on_lambda)
     fuse_model(loaded.model, pack_tied_output=packed)
     decoder = Decoder(loaded.model)
-    decoder.native, loop = native_choice(decoder, native_step)
+    decoder.native, loop = native_choice(decoder, native_step, batched=batching)
     kernels = KERNELS[type(decoder.layers[0].o)] if decoder.layers else "no"
     logger.info("decoder: ours (%s matmuls; %s)", kernels, loop)
     reason = (
@@ -191,15 +193,19 @@ def attach_decoder(
     return replace(loaded, decoder=decoder, decoder_reason=reason)
 
 
-def native_choice(decoder: Decoder, setting: str) -> tuple[Any, str]:
+def native_choice(decoder: Decoder, setting: str, *, batched: bool = True) -> tuple[Any, str]:
     """The C++ layer loop for `decoder` (function.engine.native) where NATIVE_STEP allows and it is
-    built, else None; and the reason's words."""
+    built, else None; and the reason's words. `batched=False` (no micro-batcher: Lambda,
+    BATCH_MAX_SIZE=1): its bf16 matmuls on our own kernel, the faster for one row (a batch's 8 rows
+    are faster on oneDNN's, and a decoder keeps one kernel for every batch: rows bitwise as alone)."""
     if setting == "false":
         return None, "layers stepped in Python: NATIVE_STEP=false"
-    layers, why_not = native.native_layers(decoder)
+    layers, words = native.native_layers(decoder, own_matmuls=not batched)
     if layers is None:
-        return None, f"layers stepped in Python: the C++ step {why_not}"
-    return layers, "layers stepped in C++"
+        return None, f"layers stepped in Python: the C++ step {words}"
+    decoder.native_head = None if batched else native.native_head(decoder)
+    head = "; the output layer's too, on its shared weights" if decoder.native_head is not None else ""
+    return layers, f"layers stepped in C++{words}{head}"
 
 
 def _transformers_reason(loaded: LoadedModel, setting: str, *, compiled: bool) -> str | None:
@@ -250,4 +256,5 @@ def load_with_decoder(
         pack_tied=settings.pack_tied_output,
         on_lambda=settings.on_lambda,
         native_step=settings.native_step,
+        batching=batching,
     )

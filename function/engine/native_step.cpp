@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "native_loops.h"
+#include "native_matmul.h"
 
 namespace {
 
@@ -38,6 +39,8 @@ struct Projection {
   std::optional<Tensor> bias;
   int64_t group_size = 0;  // int4
   int64_t width = -1;      // int4 of one layer: its output columns (the rest is padding)
+  bool own = false;        // packed: decode steps' rows through own_matmul (Layers::own_matmuls)
+  Tensor own_bias;         // the bias in float32, for own_matmul
 };
 
 const c10::OperatorHandle& linear_pointwise() {
@@ -83,12 +86,23 @@ struct Layers {
   Shape shape;
 
   // Decoder._project: zero rows added up to `least` rows, calls of at most `measured` rows (0: any).
-  Tensor project(const Projection& projection, const Tensor& x, int64_t least, int64_t measured) const {
+  // A projection on our own matmul takes a decode step's rows in calls of up to kOwnRows, as they
+  // are (each row alone by construction), and a prompt's up to kOwnRows tokens; longer prompts, oneDNN.
+  Tensor project(const Projection& projection, const Tensor& x, int64_t least, int64_t measured,
+                 bool prompt) const {
     int64_t rows = x.size(0);
+    if (projection.own && (rows <= kOwnRows || !prompt)) {
+      if (rows <= kOwnRows) return own_matmul(x, projection.first, projection.own_bias);
+      std::vector<Tensor> parts;
+      for (int64_t at = 0; at < rows; at += kOwnRows) {
+        parts.push_back(own_matmul(x.slice(0, at, at + kOwnRows), projection.first, projection.own_bias));
+      }
+      return at::cat(parts);
+    }
     if (measured > 0 && rows > measured) {
       std::vector<Tensor> parts;
       for (int64_t at = 0; at < rows; at += measured) {
-        parts.push_back(project(projection, x.slice(0, at, at + measured), least, measured));
+        parts.push_back(project(projection, x.slice(0, at, at + measured), least, measured, prompt));
       }
       return at::cat(parts);
     }
@@ -108,7 +122,7 @@ struct Layers {
   template <typename T>
   Tensor decode_as(Tensor x, const Tensor& rotation, std::vector<Tensor>& keys, std::vector<Tensor>& values,
                    const std::vector<int64_t>& rows, const std::vector<int64_t>& columns,
-                   const std::vector<int64_t>& least, int64_t measured) const {
+                   const std::vector<int64_t>& least, int64_t measured, bool prompt) const {
     const Shape& s = shape;
     TORCH_CHECK(attention_norm[0].scalar_type() == x.scalar_type(), "the norms' dtype is the activations'");
     int64_t batch = x.size(0), half = s.head_dim / 2, group = s.heads / s.kv_heads;
@@ -131,7 +145,7 @@ struct Layers {
                  s.eps);
       }
       int64_t stride = (s.heads + 2 * s.kv_heads) * s.head_dim;
-      Tensor mixed = checked(project(qkv[index], normed, least[0], measured), x, batch, stride);
+      Tensor mixed = checked(project(qkv[index], normed, least[0], measured, prompt), x, batch, stride);
       float* key_base = keys[index].data_ptr<float>();
       float* value_base = values[index].data_ptr<float>();
       for (int64_t b = 0; b < batch; ++b) {  // RoPE; the key and value into the row's column
@@ -162,17 +176,17 @@ struct Layers {
                  scores.data(), sums.data(), attended_base + first);
         }
       });
-      Tensor projected = checked(project(o[index], attended, least[1], measured), x, batch, s.width);
+      Tensor projected = checked(project(o[index], attended, least[1], measured, prompt), x, batch, s.width);
       for (int64_t b = 0; b < batch; ++b) {
         add_into(hidden + b * s.width, bits_of<T>(projected) + b * s.width, s.width);
         rms_norm(hidden + b * s.width, bits_of<T>(mlp_norm[index]), bits_of<T>(normed) + b * s.width, s.width, s.eps);
       }
-      Tensor both = checked(project(gate_up[index], normed, least[2], measured), x, batch, 2 * s.intermediate);
+      Tensor both = checked(project(gate_up[index], normed, least[2], measured, prompt), x, batch, 2 * s.intermediate);
       for (int64_t b = 0; b < batch; ++b) {
         const S* row = bits_of<T>(both) + b * 2 * s.intermediate;
         silu_times_up(row, row + s.intermediate, bits_of<T>(gated) + b * s.intermediate, s.intermediate);
       }
-      Tensor down_out = checked(project(down[index], gated, least[3], measured), x, batch, s.width);
+      Tensor down_out = checked(project(down[index], gated, least[3], measured, prompt), x, batch, s.width);
       for (int64_t b = 0; b < batch; ++b) {
         add_into(hidden + b * s.width, bits_of<T>(down_out) + b * s.width, s.width);
       }
@@ -180,12 +194,36 @@ struct Layers {
     return x;
   }
 
+  // Puts the bf16 projections whose packed layout our matmul reads (native_matmul.h) on it, each
+  // checked first: its results on random rows must be oneDNN's but for rounding (a misread layout
+  // gives others entirely). Returns how many; none where the CPU lacks AVX-512 BF16.
+  int64_t own_matmuls() {
+    if (!own_matmul_supported()) return 0;
+    int64_t count = 0;
+    at::Generator generator = at::detail::createCPUGenerator(0);
+    for (auto* group : {&qkv, &o, &gate_up, &down}) {
+      for (Projection& projection : *group) {
+        if (projection.kind != kPacked || !own_layout(projection.first)) continue;
+        if (projection.bias) projection.own_bias = projection.bias->to(at::kFloat).contiguous();
+        Tensor x = at::randn({kOwnRows, projection.first.size(1)}, generator, at::TensorOptions().dtype(at::kFloat))
+                       .to(at::kBFloat16);
+        Tensor theirs = call(projection, x).to(at::kFloat);
+        Tensor mine = own_matmul(x, projection.first, projection.own_bias).to(at::kFloat);
+        double error = (mine - theirs).norm().item<double>() / std::max(theirs.norm().item<double>(), 1e-30);
+        projection.own = mine.sizes() == theirs.sizes() && error < 1e-2;
+        count += projection.own;
+      }
+    }
+    return count;
+  }
+
   // Every layer for one token a row: `x` [batch, 1, width] (embedded); row b's key and value go to
   // cache row rows[b], column columns[b], and it attends to its columns 0..columns[b]; `rotation`
-  // [batch, head_dim / 2, 2]: RoPE's (cos, sin) at each row's position. Returns the new hidden states.
+  // [batch, head_dim / 2, 2]: RoPE's (cos, sin) at each row's position. `prompt`: the rows are one
+  // prompt's tokens (more than kOwnRows of them go to oneDNN). Returns the new hidden states.
   Tensor decode(const Tensor& input, const Tensor& rotation, std::vector<Tensor> keys, std::vector<Tensor> values,
                 const std::vector<int64_t>& rows, const std::vector<int64_t>& columns,
-                const std::vector<int64_t>& least, int64_t measured) const {
+                const std::vector<int64_t>& least, int64_t measured, bool prompt) const {
     int64_t batch = input.size(0);
     TORCH_CHECK(keys.size() == qkv.size() && values.size() == qkv.size(), "one cache tensor a layer");
     TORCH_CHECK(static_cast<int64_t>(rows.size()) == batch && static_cast<int64_t>(columns.size()) == batch,
@@ -206,10 +244,10 @@ struct Layers {
     py::gil_scoped_release released;
     Tensor x = input.contiguous().clone();
     if (x.scalar_type() == at::kBFloat16) {
-      return decode_as<at::BFloat16>(x, rotation, keys, values, rows, columns, least, measured);
+      return decode_as<at::BFloat16>(x, rotation, keys, values, rows, columns, least, measured, prompt);
     }
     TORCH_CHECK(x.scalar_type() == at::kFloat, "bfloat16 or float32 activations");
-    return decode_as<float>(x, rotation, keys, values, rows, columns, least, measured);
+    return decode_as<float>(x, rotation, keys, values, rows, columns, least, measured, prompt);
   }
 };
 
@@ -224,6 +262,36 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
            }),
            py::arg("kind"), py::arg("first"), py::arg("second"), py::arg("bias"), py::arg("group_size"),
            py::arg("width"));
+  // Our matmul alone (native_matmul.h), for tests: x [rows <= 8, inputs] bf16, oneDNN-packed weights.
+  module.def(
+      "own_matmul",
+      [](const Tensor& x, const Tensor& packed, const std::optional<Tensor>& bias) {
+        TORCH_CHECK(own_matmul_supported(), "this CPU has no AVX-512 BF16");
+        TORCH_CHECK(own_layout(packed), "weights not in the packed layout our matmul reads");
+        return own_matmul(x, packed, bias ? bias->to(at::kFloat).contiguous() : Tensor());
+      },
+      py::arg("x"), py::arg("packed"), py::arg("bias") = py::none());
+  // The same on weights as the model holds them ([columns, inputs], bf16): an output layer tied to
+  // the embeddings (Decoder._project calls it for the output layer where `native_head` is set).
+  module.def(
+      "own_plain_matmul",
+      [](const Tensor& x, const Tensor& weight) {
+        TORCH_CHECK(own_matmul_supported(), "this CPU has no AVX-512 BF16");
+        TORCH_CHECK(own_plain_layout(weight), "weights not bf16 rows of inputs by 32 our matmul reads");
+        py::gil_scoped_release released;
+        int64_t rows = x.numel() / x.size(-1);
+        if (rows <= kOwnRows) return own_plain_matmul(x, weight);
+        Tensor flat = x.reshape({rows, x.size(-1)});
+        std::vector<Tensor> parts;
+        for (int64_t at = 0; at < rows; at += kOwnRows) {
+          parts.push_back(own_plain_matmul(flat.slice(0, at, at + kOwnRows), weight));
+        }
+        std::vector<int64_t> shape = x.sizes().vec();
+        shape.back() = weight.size(0);
+        return at::cat(parts).view(shape);
+      },
+      py::arg("x"), py::arg("weight"));
+  module.def("own_matmul_supported", &own_matmul_supported);
   py::class_<Layers>(module, "Layers")
       .def(py::init([](std::vector<Tensor> attention_norm, std::vector<Tensor> mlp_norm, std::vector<Projection> qkv,
                        std::vector<Projection> o, std::vector<Projection> gate_up, std::vector<Projection> down,
@@ -248,6 +316,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
            py::arg("attention_norm"), py::arg("mlp_norm"), py::arg("qkv"), py::arg("o"), py::arg("gate_up"),
            py::arg("down"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("intermediate"),
            py::arg("eps"))
+      .def("own_matmuls", &Layers::own_matmuls)
       .def("decode", &Layers::decode, py::arg("x"), py::arg("rotation"), py::arg("keys"), py::arg("values"),
-           py::arg("rows"), py::arg("columns"), py::arg("least"), py::arg("measured"));
+           py::arg("rows"), py::arg("columns"), py::arg("least"), py::arg("measured"), py::arg("prompt") = false);
 }

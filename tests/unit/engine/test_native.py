@@ -29,7 +29,7 @@ PROMPTS = [[5, 17, 33, 2, 9], [40], [7, 7, 12]]
 
 def with_cpp(decoder: Decoder) -> Decoder:
     decoder.native, reason = native_choice(decoder, "auto")
-    assert reason == "layers stepped in C++", reason
+    assert reason.startswith("layers stepped in C++"), reason
     return decoder
 
 
@@ -81,7 +81,9 @@ def test_the_cpp_step_computes_what_the_python_step_does(
         (128, 2, 2),  # one a key head
     ],
 )
-def test_heads_sharing_a_key_head_attend_in_cpp_as_in_python(head_dim: int, heads: int, kv_heads: int) -> None:
+def test_heads_sharing_a_key_head_attend_in_cpp_as_in_python(
+    head_dim: int, heads: int, kv_heads: int
+) -> None:
     """The attention loop's widths (AVX-512 where the CPU has it) and groups of query heads."""
     shape = {"hidden_size": head_dim * heads, "num_attention_heads": heads, "num_key_value_heads": kv_heads}
     decoder = Decoder(fused_copy(tiny("llama", **shape)))

@@ -1,0 +1,169 @@
+"""Our own bfloat16 matmul in the C++ step (function/engine/native_matmul.h), on the weights where
+oneDNN packed them, for a decoder that steps one row at a time (no micro-batcher: Lambda,
+BATCH_MAX_SIZE=1): close to oneDNN's results, each row bitwise as alone in any batch, prompts past
+8 tokens left to oneDNN, and /model_info saying which. It needs AVX-512 BF16: elsewhere the decoder
+keeps oneDNN's matmuls and says nothing of ours (tested too)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from function.engine import native
+from function.engine.decoder import Decoder
+from function.engine.decoder_choice import native_choice
+from function.engine.engine import Engine
+from tests.support.example_model import example_model_dir
+from tests.support.settings import make_settings
+from tests.support.tiny_models import fused_copy, tiny
+from tests.unit.engine.test_native import PROMPTS, forced, relative_error
+
+
+def _avx512_bf16() -> bool:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("flags"):
+            return "avx512_bf16" in line.split()
+    return False
+
+
+AVX512_BF16 = _avx512_bf16()
+needs_avx512_bf16 = pytest.mark.skipif(not AVX512_BF16, reason="our matmul needs AVX-512 BF16")
+ODD = {"hidden_size": 96, "num_attention_heads": 6, "intermediate_size": 160}  # blocks of 64 columns, cut
+
+
+def cpp(model: Any, *, own: bool) -> Decoder:
+    decoder = Decoder(fused_copy(model))  # a tied output layer stays shared (not packed)
+    decoder.native, reason = native_choice(decoder, "auto", batched=not own)
+    assert reason.startswith("layers stepped in C++"), reason
+    assert ("matmuls our own" in reason) == (own and AVX512_BF16), reason
+    shared = own and AVX512_BF16 and model.config.tie_word_embeddings
+    assert ("the output layer's too, on its shared weights" in reason) == shared, reason
+    return decoder
+
+
+@needs_avx512_bf16
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(("columns", "inputs"), [(100, 64), (192, 96), (64, 32)])
+def test_our_matmul_gives_onednns_products_each_row_as_alone(columns: int, inputs: int, threads: int) -> None:
+    """Widths that cut the last block of 64 columns (its stores masked), with and without bias, one
+    thread (blocks in order: a store past a row's end would land in the next row's) and two."""
+    module, _ = native.load()
+    generator = torch.Generator().manual_seed(columns)
+    weight = torch.randn(columns, inputs, generator=generator).to(torch.bfloat16)
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+    bias = torch.randn(columns, generator=generator).to(torch.bfloat16)
+    x = torch.randn(8, inputs, generator=generator).to(torch.bfloat16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows, shift in itertools.product(range(1, 9), (None, bias)):
+            mine = module.own_matmul(x[:rows], packed, shift)
+            theirs = torch.ops.mkldnn._linear_pointwise(x[:rows], packed, shift, "none", [None], "")
+            assert mine.shape == theirs.shape == (rows, columns)
+            assert all(relative_error(mine[row], theirs[row]) < 1e-2 for row in range(rows))
+            alone = [module.own_matmul(x[row : row + 1], packed, shift)[0] for row in range(rows)]
+            assert all(torch.equal(mine[row], alone[row]) for row in range(rows))
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_avx512_bf16
+@pytest.mark.parametrize("threads", [1, 2])
+def test_our_matmul_on_weights_as_the_model_holds_them(threads: int) -> None:
+    """An output layer tied to the embeddings: [columns, inputs] row after row, 4 columns a step."""
+    module, _ = native.load()
+    generator = torch.Generator().manual_seed(threads)
+    weight = torch.randn(100, 96, generator=generator).to(torch.bfloat16)
+    x = torch.randn(11, 96, generator=generator).to(torch.bfloat16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows in (1, 3, 8, 11):  # 11: calls of 8 and 3
+            mine = module.own_plain_matmul(x[:rows, None], weight)
+            theirs = torch.nn.functional.linear(x[:rows, None], weight)
+            assert mine.shape == theirs.shape == (rows, 1, 100)
+            assert all(relative_error(mine[row], theirs[row]) < 1e-2 for row in range(rows))
+            alone = [module.own_plain_matmul(x[row : row + 1, None], weight)[0] for row in range(rows)]
+            assert all(torch.equal(mine[row], alone[row]) for row in range(rows))
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(RuntimeError, match="columns by 4"):
+        module.own_plain_matmul(x[:1], weight[:99])
+    with pytest.raises(RuntimeError, match="rows of inputs by 32"):
+        module.own_plain_matmul(x[:1, :90], weight[:, :90].contiguous())
+
+
+@needs_avx512_bf16
+@pytest.mark.parametrize(
+    ("kind", "shape"),
+    [("llama", {}), ("qwen2", {}), ("llama", ODD)],  # qwen2: biases on q, k and v
+    ids=["llama", "qwen2-biases", "odd-widths"],
+)
+def test_our_matmuls_step_as_onednn_does_but_for_rounding(kind: str, shape: dict[str, int]) -> None:
+    model = tiny(kind, torch.bfloat16, **shape)
+    tokens = [torch.randint(96, (3, 1), generator=torch.Generator().manual_seed(step)) for step in range(6)]
+    with torch.inference_mode():
+        ours = forced(cpp(model, own=True), tokens)
+        onednn = forced(cpp(model, own=False), tokens)
+
+    # (`cpp` checked the reason names ours; on sums this short the two orders often round alike)
+    assert all(relative_error(mine, want) < 0.02 for mine, want in zip(ours, onednn, strict=True))
+
+
+@needs_avx512_bf16
+def test_rows_on_our_matmuls_decode_bitwise_as_alone_in_any_batch() -> None:
+    """No calibration: each output adds its pairs in one order whatever the rows."""
+    decoder = cpp(tiny("llama", torch.bfloat16, **ODD), own=True)
+    tokens = [torch.randint(96, (3, 1), generator=torch.Generator().manual_seed(step)) for step in range(6)]
+    with torch.inference_mode():
+        together = forced(decoder, tokens)
+        alone = [
+            forced(decoder, [step[row : row + 1] for step in tokens], [PROMPTS[row]]) for row in range(3)
+        ]
+
+    for row in range(3):
+        assert all(
+            torch.equal(step[row : row + 1], want) for step, want in zip(together, alone[row], strict=True)
+        )
+
+
+@needs_avx512_bf16
+def test_prompts_past_8_tokens_prefill_on_onednn() -> None:
+    model = tiny("llama", torch.bfloat16)
+    ours, onednn = cpp(model, own=True), cpp(model, own=False)
+    long, short = torch.arange(3, 15), torch.arange(3, 8)  # 12 tokens (oneDNN's), 5 (ours)
+    with torch.inference_mode():
+        logits = {
+            name: [decoder.prefill_row(prompt, decoder.new_cache(1, 16), 0) for prompt in (long, short)]
+            for name, decoder in (("ours", ours), ("onednn", onednn))
+        }
+
+    assert torch.equal(logits["ours"][0], logits["onednn"][0])
+    assert relative_error(logits["ours"][1], logits["onednn"][1]) < 0.02
+
+
+def test_model_info_says_whose_matmuls_with_and_without_a_batcher() -> None:
+    """The example model (SmolLM2, tied output layer) one request at a time with its output layer
+    shared, as on Lambda; and with a batcher."""
+    alone = Engine(make_settings(cpu_dtype="bfloat16", batch_max_size=1, pack_tied_output="false"))
+    batched = Engine(make_settings(cpu_dtype="bfloat16", batch_max_size=4, pack_tied_output="false"))
+    loaded, _ = alone.load(str(example_model_dir()))
+    in_batches, _ = batched.load(str(example_model_dir()))
+
+    assert loaded.dtype == "bfloat16" and "layers stepped in C++" in loaded.decoder_reason
+    mine = "120 of its 120 matmuls our own (AVX-512 BF16, for one row at a time); the output layer's too"
+    assert (mine in loaded.decoder_reason) == AVX512_BF16, loaded.decoder_reason
+    assert (
+        "our own" not in in_batches.decoder_reason and "output layer's too" not in in_batches.decoder_reason
+    )
+    assert alone.generate("The capital of France is", greedy()).continuations[0].startswith(" Paris")
+
+
+def greedy() -> Any:
+    from function.engine.types import SamplingParams
+
+    return SamplingParams(max_new_tokens=8, temperature=0)
