@@ -3,7 +3,8 @@
 
 Batch 1, greedy, the same prompt, medians of interleaved runs (every configuration once a round, the order
 reversed every other round: the machine is noisy):
-- ours, default (the engine as `make serve` configures it, the response cache off), the same with
+- ours, default (the engine as `make serve` configures it, the response cache off), on Lambda's
+  settings (one request at a time, the tied output layer shared), the same with
   `DECODER=transformers` (transformers' generate instead of our decoder), float32, `--load_in_8bit`,
   `--load_in_4bit`;
 - llama.cpp (llama-cpp-python, in `.venv-llamacpp`, run as a subprocess: this environment never imports it)
@@ -13,7 +14,7 @@ Then N concurrent clients (greedy, distinct prompts, the same ones for every ser
 micro-batching) vs `llama-server -np N` (parallel slots, continuous batching) on the BF16 GGUF; and ours
 with the opt-ins for many greedy clients (BATCH_REDUCED_PRECISION=true, CPU_DTYPE=float32), for the record.
 
-Goals: default >= 1.0x llama.cpp BF16; 4-bit >= 1.0x Q4_1; 8-bit >= 1.0x Q8_0; N clients >= 2x llama-server.
+Goals: default (and on Lambda) >= 1.0x llama.cpp BF16; 4-bit >= 1.0x Q4_1; 8-bit >= 1.0x Q8_0; N clients >= 2x llama-server.
 Needs `make llamacpp-venv`. Run: `make bench-llamacpp` or `python -m benchmarks.llama_cpp --runs 2 --tokens 16`.
 """
 
@@ -68,6 +69,9 @@ def our_runners(model_dir: Path, tokens: int) -> tuple[dict[str, Runner], dict[s
     """Engines as `make serve` builds them (the response cache off: the prompt repeats), one per setting."""
     variants: dict[str, dict[str, Any]] = {
         "ours default": {},
+        # Lambda's settings (AWS_LAMBDA_FUNCTION_NAME set): one request an environment (no batcher,
+        # our own matmuls), the tied output layer left shared (no packed copy in the INIT)
+        "ours on Lambda": {"aws_lambda_function_name": "bench-llamacpp"},
         "ours transformers": {"decoder": "transformers"},  # transformers' generate: where we started
         "ours float32": {"cpu_dtype": "float32"},
         "ours 8-bit": {"load_in_8bit": True},
@@ -168,6 +172,7 @@ OPT_IN_SERVERS = {
 Row = tuple[str, str, str, str]
 GOALS = [  # (ours, theirs, goal): the issue's goals, and float32 beside BF16 for the record
     ("ours default", "llama.cpp BF16", 1.0),
+    ("ours on Lambda", "llama.cpp BF16", 1.0),
     ("ours transformers", "llama.cpp BF16", None),
     ("ours float32", "llama.cpp BF16", None),
     ("ours 8-bit", "llama.cpp Q8_0", 1.0),
