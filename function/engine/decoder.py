@@ -55,14 +55,24 @@ class Layer:
 class KVCache:
     """Keys and values for every layer, preallocated to the longest sequence a call can reach (in
     whole `BLOCK`s), in float32 (attention runs in float32, as transformers' does inside its fused
-    kernel). `torch.empty`: pages are touched only as positions are written, and columns are zeroed
-    a block ahead of the writes (`prepare`), so that no attention reads `torch.empty`'s leftovers."""
+    kernel), or in bfloat16 for a bf16 model stepped in C++ (`Decoder.cache_dtype`: half the memory
+    and the reads; its attention still sums in float32). `torch.empty`: pages are touched only as
+    positions are written, and columns are zeroed a block ahead of the writes (`prepare`), so that
+    no attention reads `torch.empty`'s leftovers."""
 
-    def __init__(self, layers: int, batch: int, kv_heads: int, length: int, head_dim: int) -> None:
+    def __init__(
+        self,
+        layers: int,
+        batch: int,
+        kv_heads: int,
+        length: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         length = -(-length // BLOCK) * BLOCK
         shape = (batch, kv_heads, length, head_dim)
-        self.keys = [torch.empty(shape, dtype=torch.float32) for _ in range(layers)]
-        self.values = [torch.empty(shape, dtype=torch.float32) for _ in range(layers)]
+        self.keys = [torch.empty(shape, dtype=dtype) for _ in range(layers)]
+        self.values = [torch.empty(shape, dtype=dtype) for _ in range(layers)]
         self.length = length
         self.finite = [0] * batch  # each row's columns below this hold keys and values, or zeros
         self.first_row = 0  # this cache's row 0 is row `first_row` of `finite` (a `row` view's)
@@ -145,8 +155,14 @@ class Decoder:
         self.native: Any = None  # the layer loop in C++ (`_decode_layers`; function.engine.native)
         self.native_head: Any = None  # our matmul for a plain output layer (`_project`; native.native_head)
 
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """bfloat16 for a bf16 model stepped in C++ (transformers caches a bf16 model's keys and values
+        in bf16 too); float32 where the Python step attends (its matmuls take one dtype)."""
+        return torch.bfloat16 if self.native is not None and self.dtype == torch.bfloat16 else torch.float32
+
     def new_cache(self, batch: int, length: int) -> KVCache:
-        return KVCache(len(self.layers), batch, self.kv_heads, length, self.head_dim)
+        return KVCache(len(self.layers), batch, self.kv_heads, length, self.head_dim, self.cache_dtype)
 
     def _rope_rotations(self, length: int) -> torch.Tensor:
         """RoPE's rotation for positions 0..length-1 (grown as needed): [length, head_dim / 2],
@@ -190,7 +206,8 @@ class Decoder:
             keys, values = cache.keys[index], cache.values[index]
             keys[:, :, start:end] = k.transpose(1, 2)
             values[:, :, start:end] = v.transpose(1, 2)
-            attended = self._attend_prompt(q, keys[:, :, start:end], values[:, :, start:end])
+            # the keys and values as the cache holds them (rounded to a bf16 cache), in float32
+            attended = self._attend_prompt(q, keys[:, :, start:end].float(), values[:, :, start:end].float())
             x = self._mlp(x + self._project(layer.o, attended.to(x.dtype)), layer)
         return self._logits(x)
 

@@ -111,14 +111,15 @@ inline float lanes_sum(const float* lanes) {  // the fixed tree over 16 lanes
   return (quarter[0] + quarter[2]) + (quarter[1] + quarter[3]);
 }
 
-// Σ a[i] b[i], element i into lane i % 16 (inlined into its callers' clones).
-inline float dot(const float* a, const float* b, int64_t n) {
+// Σ a[i] b[i], element i into lane i % 16 (inlined into its callers' clones); b float or bf16 bits.
+template <typename C>
+inline float dot(const float* a, const C* b, int64_t n) {
   float lanes[kLanes] = {};
   int64_t whole = n - n % kLanes;
   for (int64_t i = 0; i < whole; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) lanes[l] += a[i + l] * b[i + l];
+    for (int l = 0; l < kLanes; ++l) lanes[l] += a[i + l] * widen(b[i + l]);
   }
-  for (int64_t i = whole; i < n; ++i) lanes[i - whole] += a[i] * b[i];
+  for (int64_t i = whole; i < n; ++i) lanes[i - whole] += a[i] * widen(b[i]);
   return lanes_sum(lanes);
 }
 
@@ -168,14 +169,15 @@ CLONED void add_into(T* x, const T* y, int64_t width) {
 }
 
 // One head's RoPE (Decoder._attention_inputs): element i pairs with i + half, the pair rotated by
-// (cos, sin) times `scale`, and written side by side (out[2i], out[2i+1]), as the prefill writes keys.
-template <typename T>
-inline void rotate(const T* head, const float* rotation, float scale, float* out, int64_t half) {
+// (cos, sin) times `scale`, and written side by side (out[2i], out[2i+1]), as the prefill writes keys:
+// in float32, or rounded to a bf16 cache's bits.
+template <typename T, typename C>
+inline void rotate(const T* head, const float* rotation, float scale, C* out, int64_t half) {
   for (int64_t i = 0; i < half; ++i) {
     float a = widen(head[i]), b = widen(head[i + half]);
     float c = rotation[2 * i] * scale, s = rotation[2 * i + 1] * scale;
-    out[2 * i] = a * c - b * s;
-    out[2 * i + 1] = a * s + b * c;
+    out[2 * i] = narrow<C>(a * c - b * s);
+    out[2 * i + 1] = narrow<C>(a * s + b * c);
   }
 }
 
@@ -200,16 +202,17 @@ inline float exponentiate(float* scores, int64_t end) {
 }
 
 // One query head against the row's keys 0..end-1: softmax(q K^T) V, into `out` (T, head_dim wide).
-template <typename T>
-CLONED void attend_head(const float* q, const float* keys, const float* values, int64_t end, int64_t head_dim,
+// The cache C: float32, or bf16 bits.
+template <typename T, typename C>
+CLONED void attend_head(const float* q, const C* keys, const C* values, int64_t end, int64_t head_dim,
                         float* scores, float* sums, T* out) {
   for (int64_t j = 0; j < end; ++j) scores[j] = dot(q, keys + j * head_dim, head_dim);
   float total = exponentiate(scores, end);
   std::fill(sums, sums + head_dim, 0.0f);
   for (int64_t j = 0; j < end; ++j) {
-    const float* value = values + j * head_dim;
+    const C* value = values + j * head_dim;
     float weight = scores[j];
-    for (int64_t d = 0; d < head_dim; ++d) sums[d] += weight * value[d];
+    for (int64_t d = 0; d < head_dim; ++d) sums[d] += weight * widen(value[d]);
   }
   for (int64_t d = 0; d < head_dim; ++d) out[d] = narrow<T>(sums[d] / total);
 }
@@ -227,14 +230,21 @@ __attribute__((target("avx512f"))) inline __m128 fold(__m512 lanes) {
   return _mm_add_ps(_mm256_castps256_ps128(eight), _mm256_extractf128_ps(eight, 1));
 }
 
+// 16 cache elements as floats: float32, or bf16 bits shifted into a float's upper half.
+__attribute__((target("avx512f"))) inline __m512 load16(const float* at) { return _mm512_loadu_ps(at); }
+__attribute__((target("avx512f"))) inline __m512 load16(const uint16_t* at) {
+  __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
 // Four columns' scores for each of the G heads, into scores[g * stride + 0..3].
-template <int VECTORS, int G>
-__attribute__((target("avx512f"))) inline void four_scores(const __m512 (&q)[G][VECTORS], const float* keys,
+template <int VECTORS, int G, typename C>
+__attribute__((target("avx512f"))) inline void four_scores(const __m512 (&q)[G][VECTORS], const C* keys,
                                                            float* scores, int64_t stride) {
   __m128 folded[G][4];
   for (int c = 0; c < 4; ++c) {
     __m512 key[VECTORS];
-    for (int v = 0; v < VECTORS; ++v) key[v] = _mm512_loadu_ps(keys + (c * VECTORS + v) * 16);
+    for (int v = 0; v < VECTORS; ++v) key[v] = load16(keys + (c * VECTORS + v) * 16);
     for (int g = 0; g < G; ++g) {
       __m512 sum = _mm512_mul_ps(q[g][0], key[0]);
       for (int v = 1; v < VECTORS; ++v) sum = _mm512_fmadd_ps(q[g][v], key[v], sum);
@@ -248,9 +258,9 @@ __attribute__((target("avx512f"))) inline void four_scores(const __m512 (&q)[G][
 }
 
 // G heads' queries (side by side, 16 * VECTORS each) against keys 0..end-1; `scores`: G * end floats.
-template <typename T, int VECTORS, int G>
-__attribute__((target("avx512f"))) void attend_heads_avx512(const float* query, const float* keys,
-                                                           const float* values, int64_t end, float* scores, T* out) {
+template <typename T, int VECTORS, int G, typename C>
+__attribute__((target("avx512f"))) void attend_heads_avx512(const float* query, const C* keys, const C* values,
+                                                           int64_t end, float* scores, T* out) {
   constexpr int64_t width = 16 * VECTORS;
   __m512 q[G][VECTORS];
   for (int g = 0; g < G; ++g) {
@@ -259,8 +269,8 @@ __attribute__((target("avx512f"))) void attend_heads_avx512(const float* query, 
   int64_t j = 0;
   for (; j + 4 <= end; j += 4) four_scores<VECTORS, G>(q, keys + j * width, scores + j, end);
   if (j < end) {  // the last 1-3 columns: folded as four, the missing ones reading zeros
-    alignas(64) float tail[4 * width] = {};
-    std::memcpy(tail, keys + j * width, sizeof(float) * width * (end - j));
+    alignas(64) C tail[4 * width] = {};
+    std::memcpy(tail, keys + j * width, sizeof(C) * width * (end - j));
     float four[G * 4];
     four_scores<VECTORS, G>(q, tail, four, 4);
     for (int g = 0; g < G; ++g) {
@@ -275,7 +285,7 @@ __attribute__((target("avx512f"))) void attend_heads_avx512(const float* query, 
   }
   for (int64_t c = 0; c < end; ++c) {
     for (int v = 0; v < VECTORS; ++v) {
-      __m512 value = _mm512_loadu_ps(values + c * width + 16 * v);
+      __m512 value = load16(values + c * width + 16 * v);
       for (int g = 0; g < G; ++g) {
         sums[g][v] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * end + c]), value, sums[g][v]);
       }
@@ -289,17 +299,17 @@ __attribute__((target("avx512f"))) void attend_heads_avx512(const float* query, 
 }
 
 // Up to 16 / VECTORS heads a call (their queries and sums fill the 32 vector registers), G picked at run time.
-template <typename T, int VECTORS>
-__attribute__((target("avx512f"))) void attend_avx512(const float* query, const float* keys, const float* values,
+template <typename T, int VECTORS, typename C>
+__attribute__((target("avx512f"))) void attend_avx512(const float* query, const C* keys, const C* values,
                                                      int64_t end, int64_t heads, float* scores, T* out) {
   constexpr int64_t width = 16 * VECTORS, most = 16 / VECTORS;
   for (int64_t h = 0; h < heads; h += most) {
     const float* q = query + h * width;
     switch (std::min(most, heads - h)) {
-      case 1: attend_heads_avx512<T, VECTORS, 1>(q, keys, values, end, scores, out + h * width); break;
-      case 2: attend_heads_avx512<T, VECTORS, 2>(q, keys, values, end, scores, out + h * width); break;
-      case 3: attend_heads_avx512<T, VECTORS, 3>(q, keys, values, end, scores, out + h * width); break;
-      default: attend_heads_avx512<T, VECTORS, 4>(q, keys, values, end, scores, out + h * width); break;
+      case 1: attend_heads_avx512<T, VECTORS, 1, C>(q, keys, values, end, scores, out + h * width); break;
+      case 2: attend_heads_avx512<T, VECTORS, 2, C>(q, keys, values, end, scores, out + h * width); break;
+      case 3: attend_heads_avx512<T, VECTORS, 3, C>(q, keys, values, end, scores, out + h * width); break;
+      default: attend_heads_avx512<T, VECTORS, 4, C>(q, keys, values, end, scores, out + h * width); break;
     }
   }
 }
@@ -307,13 +317,13 @@ __attribute__((target("avx512f"))) void attend_avx512(const float* query, const 
 
 // `heads` query heads side by side that share one key head, each as attend_head: with AVX-512 where
 // the CPU has it and head_dim is 64 or 128. `scores`: room for heads * end floats.
-template <typename T>
-void attend(const float* q, const float* keys, const float* values, int64_t end, int64_t head_dim, int64_t heads,
+template <typename T, typename C>
+void attend(const float* q, const C* keys, const C* values, int64_t end, int64_t head_dim, int64_t heads,
             float* scores, float* sums, T* out) {
 #if AVX512_ATTENTION
   static const bool avx512 = __builtin_cpu_supports("avx512f");
-  if (avx512 && head_dim == 64) return attend_avx512<T, 4>(q, keys, values, end, heads, scores, out);
-  if (avx512 && head_dim == 128) return attend_avx512<T, 8>(q, keys, values, end, heads, scores, out);
+  if (avx512 && head_dim == 64) return attend_avx512<T, 4, C>(q, keys, values, end, heads, scores, out);
+  if (avx512 && head_dim == 128) return attend_avx512<T, 8, C>(q, keys, values, end, heads, scores, out);
 #endif
   for (int64_t h = 0; h < heads; ++h) {
     attend_head(q + h * head_dim, keys, values, end, head_dim, scores, sums, out + h * head_dim);

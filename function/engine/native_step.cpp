@@ -119,7 +119,8 @@ struct Layers {
     return output;
   }
 
-  template <typename T>
+  // T: the activations' element (float, or bf16 as uint16_t bits); C: the cache's.
+  template <typename T, typename C>
   Tensor decode_as(Tensor x, const Tensor& rotation, std::vector<Tensor>& keys, std::vector<Tensor>& values,
                    const std::vector<int64_t>& rows, const std::vector<int64_t>& columns,
                    const std::vector<int64_t>& least, int64_t measured, bool prompt) const {
@@ -146,8 +147,8 @@ struct Layers {
       }
       int64_t stride = (s.heads + 2 * s.kv_heads) * s.head_dim;
       Tensor mixed = checked(project(qkv[index], normed, least[0], measured, prompt), x, batch, stride);
-      float* key_base = keys[index].data_ptr<float>();
-      float* value_base = values[index].data_ptr<float>();
+      C* key_base = static_cast<C*>(keys[index].data_ptr());
+      C* value_base = static_cast<C*>(values[index].data_ptr());
       for (int64_t b = 0; b < batch; ++b) {  // RoPE; the key and value into the row's column
         const S* row = bits_of<T>(mixed) + b * stride;
         const float* turn = turns + b * half * 2;
@@ -159,7 +160,7 @@ struct Layers {
           int64_t at = ((rows[b] * s.kv_heads + g) * length + columns[b]) * s.head_dim;
           rotate(row + (s.heads + g) * s.head_dim, turn, 1.0f, key_base + at, half);
           const S* value = row + (s.heads + s.kv_heads + g) * s.head_dim;
-          for (int64_t d = 0; d < s.head_dim; ++d) value_base[at + d] = widen(value[d]);
+          for (int64_t d = 0; d < s.head_dim; ++d) value_base[at + d] = narrow<C>(widen(value[d]));
         }
       }
       // Each row's heads that share a key head together (each head's arithmetic as alone), in parallel
@@ -233,21 +234,26 @@ struct Layers {
     TORCH_CHECK(rotation.scalar_type() == at::kFloat && rotation.is_contiguous() &&
                     rotation.numel() == batch * shape.head_dim, "rotation: [batch, head_dim / 2, 2] float32");
     TORCH_CHECK(input.is_cpu() && rotation.is_cpu(), "CPU tensors");
+    at::ScalarType cached = keys[0].scalar_type();
+    TORCH_CHECK(cached == at::kFloat || cached == at::kBFloat16, "a float32 or bfloat16 cache");
     for (size_t i = 0; i < keys.size(); ++i) {  // every layer's as the first's, which the loops index by
-      TORCH_CHECK(keys[i].scalar_type() == at::kFloat && values[i].scalar_type() == at::kFloat && keys[i].is_cpu() &&
+      TORCH_CHECK(keys[i].scalar_type() == cached && values[i].scalar_type() == cached && keys[i].is_cpu() &&
                       values[i].is_cpu() && keys[i].is_contiguous() && values[i].is_contiguous() &&
                       keys[i].dim() == 4 && keys[i].sizes() == keys[0].sizes() &&
                       values[i].sizes() == keys[0].sizes() && keys[i].size(1) == shape.kv_heads &&
                       keys[i].size(3) == shape.head_dim,
-                  "the cache: [rows, kv_heads, length, head_dim] float32 on the CPU, alike in every layer");
+                  "the cache: [rows, kv_heads, length, head_dim] on the CPU, alike in every layer");
     }
     py::gil_scoped_release released;
     Tensor x = input.contiguous().clone();
+    bool bf16 = cached == at::kBFloat16;
     if (x.scalar_type() == at::kBFloat16) {
-      return decode_as<at::BFloat16>(x, rotation, keys, values, rows, columns, least, measured, prompt);
+      return bf16 ? decode_as<at::BFloat16, uint16_t>(x, rotation, keys, values, rows, columns, least, measured, prompt)
+                  : decode_as<at::BFloat16, float>(x, rotation, keys, values, rows, columns, least, measured, prompt);
     }
     TORCH_CHECK(x.scalar_type() == at::kFloat, "bfloat16 or float32 activations");
-    return decode_as<float>(x, rotation, keys, values, rows, columns, least, measured, prompt);
+    return bf16 ? decode_as<float, uint16_t>(x, rotation, keys, values, rows, columns, least, measured, prompt)
+                : decode_as<float, float>(x, rotation, keys, values, rows, columns, least, measured, prompt);
   }
 };
 

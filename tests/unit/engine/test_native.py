@@ -81,19 +81,23 @@ def test_the_cpp_step_computes_what_the_python_step_does(
         (128, 2, 2),  # one a key head
     ],
 )
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 0.05)])
 def test_heads_sharing_a_key_head_attend_in_cpp_as_in_python(
-    head_dim: int, heads: int, kv_heads: int
+    head_dim: int, heads: int, kv_heads: int, dtype: torch.dtype, tolerance: float
 ) -> None:
-    """The attention loop's widths (AVX-512 where the CPU has it) and groups of query heads."""
+    """The attention loop's widths (AVX-512 where the CPU has it) and groups of query heads, over a
+    float32 cache and (bf16 models) a bf16 one; the Python step's cache is float32."""
     shape = {"hidden_size": head_dim * heads, "num_attention_heads": heads, "num_key_value_heads": kv_heads}
-    decoder = Decoder(fused_copy(tiny("llama", **shape)))
+    decoder = Decoder(fused_copy(tiny("llama", dtype, **shape)))
     assert decoder.head_dim == head_dim
     tokens = [torch.randint(96, (3, 1), generator=torch.Generator().manual_seed(step)) for step in range(6)]
     with torch.inference_mode():
+        assert decoder.new_cache(1, 8).keys[0].dtype == torch.float32
         python = forced(decoder, tokens)
         cpp = forced(with_cpp(decoder), tokens)
+        assert decoder.new_cache(1, 8).keys[0].dtype == dtype  # bf16 keys and values for a bf16 model
 
-    assert all(relative_error(mine, want) < 1e-5 for mine, want in zip(cpp, python, strict=True))
+    assert all(relative_error(mine, want) < tolerance for mine, want in zip(cpp, python, strict=True))
 
 
 @pytest.mark.parametrize("kind", ["llama", "llama3", "qwen2"])
