@@ -246,6 +246,8 @@ class Decoder:
             for row, end in zip(rows, ends, strict=True):
                 cache.prepare(row, end - 1, end, end)
             return self._logits(self._native_layers(self.embed(tokens), cache, rows, columns))
+        if cache.keys[0].dtype != torch.float32:
+            raise RuntimeError("a bf16 cache is the C++ step's; the Python step attends over float32")
         spans = [_span(end, self.block_spans) for end in ends] if exact else [max(ends)] * len(ends)
         for row, end, span in zip(rows, ends, spans, strict=True):
             cache.prepare(row, end - 1, end, span)

@@ -158,9 +158,10 @@ def native_layers(decoder: Any, *, own_matmuls: bool = False) -> tuple[Any, str]
             decoder.intermediate,
             float(decoder.eps),
         )
+        own = layers.own_matmuls() if own_matmuls else 0
     except RuntimeError as error:  # shapes its checks refuse: the load goes on, in Python
         return None, f"does not take this model: {str(error).splitlines()[0]}"
-    own, total = (layers.own_matmuls() if own_matmuls else 0), 4 * len(decoder.layers)
+    total = 4 * len(decoder.layers)
     if not own:
         return layers, ""
     rest = "" if own == total else ", the rest oneDNN's"

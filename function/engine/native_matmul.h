@@ -19,6 +19,8 @@
 
 #include <ATen/Parallel.h>
 
+#include <dlfcn.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -31,20 +33,37 @@
 #define OWN_MATMUL 0
 #endif
 
-namespace at::native {  // libtorch_cpu's own (ATen/native/mkldnn/MKLDNNCommon.h, not in the wheel's headers)
-void* data_ptr_from_mkldnn(const at::Tensor& mkldnn_tensor);
-int64_t nbytes_from_mkldnn(const at::Tensor& mkldnn_tensor);
-}  // namespace at::native
-
 namespace {
 
 constexpr int64_t kOwnRows = 8;       // the most rows a call takes (more: calls of this many)
 constexpr int64_t kPackedBlock = 64;  // output columns a block of the packed layout
 
-// Whether this CPU runs the kernel (AVX-512 BF16).
+// A oneDNN tensor's buffer and size: libtorch_cpu's at::native::data_ptr_from_mkldnn and
+// nbytes_from_mkldnn (ATen/native/mkldnn/MKLDNNCommon.h, not in the wheel's headers), looked up when
+// first needed, so that a torch without them loses our matmul, not the whole C++ step.
+struct Mkldnn {
+  void* (*data)(const at::Tensor&) = nullptr;
+  int64_t (*nbytes)(const at::Tensor&) = nullptr;
+};
+inline const Mkldnn& mkldnn() {
+  static const Mkldnn found = [] {
+    void* library = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);  // loaded already, by torch
+    void* scope = library != nullptr ? library : RTLD_DEFAULT;
+    Mkldnn symbols;
+    symbols.data = reinterpret_cast<void* (*)(const at::Tensor&)>(
+        dlsym(scope, "_ZN2at6native20data_ptr_from_mkldnnERKNS_6TensorE"));
+    symbols.nbytes = reinterpret_cast<int64_t (*)(const at::Tensor&)>(
+        dlsym(scope, "_ZN2at6native18nbytes_from_mkldnnERKNS_6TensorE"));
+    return symbols;
+  }();
+  return found;
+}
+
+// Whether this CPU runs the kernel (AVX-512 BF16) and this torch lets it read oneDNN's buffers.
 inline bool own_matmul_supported() {
 #if OWN_MATMUL
-  static const bool supported = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
+  static const bool supported = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+                                __builtin_cpu_supports("avx512vl") && mkldnn().data && mkldnn().nbytes;
   return supported;
 #else
   return false;
@@ -54,10 +73,13 @@ inline bool own_matmul_supported() {
 // Whether `packed` (a oneDNN tensor of bf16 weights [columns, inputs]) has the layout the kernel reads,
 // as far as its size tells: inputs a multiple of 32, columns padded to whole blocks.
 inline bool own_layout(const at::Tensor& packed) {
-  if (!packed.is_mkldnn() || packed.scalar_type() != at::kBFloat16 || packed.dim() != 2) return false;
+  if (!own_matmul_supported() || !packed.is_mkldnn() || packed.scalar_type() != at::kBFloat16 ||
+      packed.dim() != 2) {
+    return false;
+  }
   int64_t columns = packed.size(0), inputs = packed.size(1);
   int64_t blocks = (columns + kPackedBlock - 1) / kPackedBlock;
-  return inputs % 32 == 0 && at::native::nbytes_from_mkldnn(packed) == blocks * kPackedBlock * inputs * 2;
+  return columns > 0 && inputs > 0 && inputs % 32 == 0 && mkldnn().nbytes(packed) == blocks * kPackedBlock * inputs * 2;
 }
 
 #if OWN_MATMUL
@@ -113,10 +135,13 @@ inline at::Tensor own_matmul(const at::Tensor& input, const at::Tensor& packed, 
   int64_t rows = x.size(0), inputs = x.size(1), columns = packed.size(0);
   TORCH_CHECK(rows <= kOwnRows && inputs == packed.size(1) && x.scalar_type() == at::kBFloat16,
               "our matmul takes at most ", kOwnRows, " bf16 rows of the weights' inputs");
+  TORCH_CHECK(!bias.defined() || (bias.dim() == 1 && bias.numel() == columns && bias.scalar_type() == at::kFloat &&
+                                  bias.is_contiguous()),
+              "a bias: float32, one a column");
   at::Tensor y = at::empty({rows, columns}, x.options());
 #if OWN_MATMUL
   const uint16_t* xs = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  const uint16_t* weights = static_cast<const uint16_t*>(at::native::data_ptr_from_mkldnn(packed));
+  const uint16_t* weights = static_cast<const uint16_t*>(mkldnn().data(packed));
   const float* shift = bias.defined() ? bias.data_ptr<float>() : nullptr;
   uint16_t* ys = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
   int64_t blocks = (columns + kPackedBlock - 1) / kPackedBlock;
@@ -139,8 +164,8 @@ inline at::Tensor own_matmul(const at::Tensor& input, const at::Tensor& packed, 
 // product of its weight row with the input row, 32 inputs a `vdpbf16ps` into 16 lanes, then the lanes
 // in a fixed tree; four outputs at a time. Rows are independent here too.
 inline bool own_plain_layout(const at::Tensor& weight) {
-  return weight.scalar_type() == at::kBFloat16 && weight.dim() == 2 && weight.is_contiguous() &&
-         weight.size(1) % 32 == 0 && !weight.is_mkldnn();
+  return weight.scalar_type() == at::kBFloat16 && weight.dim() == 2 && !weight.is_mkldnn() &&
+         weight.is_contiguous() && weight.size(0) > 0 && weight.size(1) > 0 && weight.size(1) % 32 == 0;
 }
 
 #if OWN_MATMUL

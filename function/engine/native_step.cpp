@@ -272,7 +272,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def(
       "own_matmul",
       [](const Tensor& x, const Tensor& packed, const std::optional<Tensor>& bias) {
-        TORCH_CHECK(own_matmul_supported(), "this CPU has no AVX-512 BF16");
+        TORCH_CHECK(own_matmul_supported(), "our matmul needs AVX-512 BF16 (and this torch's oneDNN buffers)");
         TORCH_CHECK(own_layout(packed), "weights not in the packed layout our matmul reads");
         return own_matmul(x, packed, bias ? bias->to(at::kFloat).contiguous() : Tensor());
       },
@@ -282,8 +282,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def(
       "own_plain_matmul",
       [](const Tensor& x, const Tensor& weight) {
-        TORCH_CHECK(own_matmul_supported(), "this CPU has no AVX-512 BF16");
+        TORCH_CHECK(own_matmul_supported(), "our matmul needs AVX-512 BF16 (and this torch's oneDNN buffers)");
         TORCH_CHECK(own_plain_layout(weight), "weights not bf16 rows of inputs by 32 our matmul reads");
+        TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(1), "x: [..., ", weight.size(1), "]");
         py::gil_scoped_release released;
         int64_t rows = x.numel() / x.size(-1);
         if (rows <= kOwnRows) return own_plain_matmul(x, weight);

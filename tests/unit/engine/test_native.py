@@ -17,7 +17,7 @@ from function.__main__ import main
 from function.engine import native
 from function.engine.calibration import calibrate, rows_as_alone
 from function.engine.decode_loop import decode
-from function.engine.decoder import Decoder
+from function.engine.decoder import Decoder, KVCache
 from function.engine.decoder_choice import native_choice
 from function.engine.engine import Engine
 from function.engine.types import SamplingParams
@@ -269,6 +269,44 @@ def test_short_prompts_prefill_in_cpp_and_long_ones_in_python(monkeypatch: pytes
     assert not torch.equal(cpp_short, python_short)  # the C++ loops: another order of additions
     assert relative_error(cpp_short, python_short) < 1e-5 and relative_error(cpp_keys, python_keys) < 1e-5
     assert torch.equal(cpp_long, python_long) and torch.equal(cpp_long_keys, python_long_keys)  # Python's
+
+
+def test_a_bf16_cache_holds_the_keys_and_values_as_pytorch_rounds_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The C++ step rounds what it writes into a bf16 cache as PyTorch's float32 -> bf16 copy does,
+    and so as a prompt prefilled in Python writes it. Layer 0, whose inputs are the embeddings alone
+    (a later layer's went through attention over the rounded or the float32 cache)."""
+    from function.engine import decoder as decoder_module
+
+    decoder = with_cpp(
+        Decoder(fused_copy(tiny("llama", torch.bfloat16, hidden_size=256, num_attention_heads=4)))
+    )
+    prompt, steps = torch.tensor([5, 17, 33, 2, 9, 40, 7]), torch.tensor([[11], [3]])
+    layers, kv_heads, head_dim = len(decoder.layers), decoder.kv_heads, decoder.head_dim
+
+    def cached(dtype: torch.dtype) -> KVCache:
+        cache = KVCache(layers, 1, kv_heads, 16, head_dim, dtype)
+        decoder.prefill_row(prompt, cache, 0)
+        for at, token in enumerate(steps):  # and decode steps' writes
+            decoder.forward(token[None], torch.tensor([[len(prompt) + at]]), cache, len(prompt) + at)
+        return cache
+
+    with torch.inference_mode():
+        bf16, f32 = cached(torch.bfloat16), cached(torch.float32)
+        monkeypatch.setattr(decoder_module, "NATIVE_PROMPT_TOKENS", 0)  # the prompt prefilled in Python
+        python = KVCache(layers, 1, kv_heads, 16, head_dim, torch.bfloat16)
+        decoder.prefill_row(prompt, python, 0)
+
+    end, prompted = len(prompt) + len(steps), len(prompt)
+    for mine, wide, in_python in (
+        (bf16.keys[0], f32.keys[0], python.keys[0]),
+        (bf16.values[0], f32.values[0], python.values[0]),
+    ):
+        assert mine.dtype == torch.bfloat16
+        assert torch.equal(mine[..., :end, :], wide[..., :end, :].to(torch.bfloat16))
+        assert torch.equal(mine[..., :prompted, :], in_python[..., :prompted, :])
+    assert bf16.keys[-1].dtype == torch.bfloat16 and bf16.keys[-1][..., :end, :].any()
 
 
 def test_head_shapes_the_cpp_step_refuses_keep_the_python_step_and_say_why() -> None:
