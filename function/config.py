@@ -142,7 +142,8 @@ class Settings(BaseSettings):
         default="auto",
         description="Our decoder: step a token's layers, and prefill prompts of up to 128 tokens, in C++ "
         "(function/engine/native_step.cpp: the same matmuls, our own loops between them; 1.3-1.8x a step "
-        "on the example model) where `python -m function build-native` built it for this torch and "
+        "on the example model; with no micro-batcher, as on Lambda, our own bf16 matmuls too where the CPU "
+        "has AVX-512 BF16) where `python -m function build-native` built it for this torch and "
         "Python; else in Python. false: always Python. /model_info's decoder_reason says which, and why not.",
     )
     torch_compile: bool = Field(
