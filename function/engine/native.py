@@ -9,7 +9,9 @@ row's own keys, SiLU, the residual adds), without the GIL. Measured side by side
 8-row batch. Prompts of up to `decoder.NATIVE_PROMPT_TOKENS` prefill through it too. Its logits are
 not bitwise the Python step's (another order of additions: within bfloat16's rounding, and equal
 greedy tokens in float32, tested), but each row's are bitwise the same in any batch, since no loop
-mixes rows.
+mixes rows. Where no micro-batcher serves the model, its bf16 matmuls are our own
+(`native_matmul.h`, `native_layers(own_matmuls=True)`, `native_head`): faster than oneDNN's for one
+row, not for a batch's eight.
 
 It is built with PyTorch's extension builder (gcc and ninja) by `python -m function build-native`
 (`make native`, which `make test` needs and `make serve` tries; the Dockerfile builds it in a stage
@@ -68,7 +70,7 @@ def _read_stamp() -> dict[str, str] | None:
 
 
 def build(verbose: bool = False) -> Path:
-    """Compile `native_step.cpp` (with `native_loops.h`) into `BUILD_DIRECTORY` (PyTorch's extension
+    """Compile `native_step.cpp` (with its headers) into `BUILD_DIRECTORY` (PyTorch's extension
     builder: gcc and ninja; half a minute on 2 cores, nothing when the stamp is current) and return
     the library's path."""
     from torch.utils import cpp_extension
