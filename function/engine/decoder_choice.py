@@ -13,7 +13,8 @@ import torch
 
 from function.engine import native
 from function.engine.calibration import calibrate
-from function.engine.decoder import BLOCK, Decoder
+from function.engine.decoder import Decoder
+from function.engine.kv_cache import BLOCK
 from function.engine.projections import (
     Int4Projection,
     Int8Projection,

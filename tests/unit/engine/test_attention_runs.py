@@ -9,7 +9,8 @@ from typing import Any
 import torch
 
 from function.engine.calibration import calibrate
-from function.engine.decoder import BLOCK, Decoder, _runs, _span
+from function.engine.decoder import Decoder, _runs, _span
+from function.engine.kv_cache import BLOCK
 from tests.support.tiny_models import fused_copy, tiny
 
 

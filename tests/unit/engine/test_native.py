@@ -17,9 +17,10 @@ from function.__main__ import main
 from function.engine import native
 from function.engine.calibration import calibrate, rows_as_alone
 from function.engine.decode_loop import decode
-from function.engine.decoder import Decoder, KVCache
+from function.engine.decoder import Decoder
 from function.engine.decoder_choice import native_choice
 from function.engine.engine import Engine
+from function.engine.kv_cache import KVCache
 from function.engine.types import SamplingParams
 from tests.support.settings import make_settings
 from tests.support.tiny_models import fused_copy, greedy_config, theirs, tiny
