@@ -26,6 +26,8 @@
 #include <cstring>
 #include <vector>
 
+#include "native_loops.h"  // fold
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
 #define OWN_MATMUL 1
@@ -135,6 +137,13 @@ OWN_TARGET void own_rows(const uint16_t* x, int64_t rows, int64_t inputs, const 
 }
 #endif
 
+// `rows` [n, columns] in `input`'s leading shape: [..., columns].
+inline at::Tensor shaped_as(const at::Tensor& rows, const at::Tensor& input) {
+  std::vector<int64_t> shape = input.sizes().vec();
+  shape.back() = rows.size(1);
+  return rows.view(shape);
+}
+
 // x [..., inputs] (bf16, at most kOwnRows rows) times the packed weights, plus `bias` (float32, or
 // undefined): [..., columns] in bf16. Callers check own_matmul_supported() and own_layout() first.
 inline at::Tensor own_matmul(const at::Tensor& input, const at::Tensor& packed, const at::Tensor& bias) {
@@ -161,9 +170,7 @@ inline at::Tensor own_matmul(const at::Tensor& input, const at::Tensor& packed, 
 #else
   TORCH_CHECK(false, "our matmul is built for x86-64 with GCC only");
 #endif
-  std::vector<int64_t> shape = input.sizes().vec();
-  shape.back() = columns;
-  return y.view(shape);
+  return shaped_as(y, input);
 }
 
 // Weights as a model holds them, [columns, inputs] row after row (an output layer tied to the
@@ -176,12 +183,6 @@ inline bool own_plain_layout(const at::Tensor& weight) {
 }
 
 #if OWN_MATMUL
-OWN_TARGET inline __m128 own_fold(__m512 lanes) {  // 16 lanes to 4, in a fixed order
-  __m256 eight = _mm256_add_ps(_mm512_castps512_ps256(lanes),
-                               _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(lanes), 1)));
-  return _mm_add_ps(_mm256_castps256_ps128(eight), _mm256_extractf128_ps(eight, 1));
-}
-
 // Outputs first..last-1 of every row; `last - first` a multiple of 4.
 OWN_TARGET void own_plain_outputs(const uint16_t* x, int64_t rows, int64_t inputs, const uint16_t* weight,
                                   int64_t first, int64_t last, uint16_t* y, int64_t stride) {
@@ -196,8 +197,8 @@ OWN_TARGET void own_plain_outputs(const uint16_t* x, int64_t rows, int64_t input
           sums[o] = _mm512_dpbf16_ps(sums[o], input, (__m512bh)_mm512_loadu_si512(w + o * inputs + k));
         }
       }
-      __m128 four = _mm_hadd_ps(_mm_hadd_ps(own_fold(sums[0]), own_fold(sums[1])),
-                                _mm_hadd_ps(own_fold(sums[2]), own_fold(sums[3])));
+      __m128 four = _mm_hadd_ps(_mm_hadd_ps(fold(sums[0]), fold(sums[1])),  // native_loops.h's, 16 lanes to 4
+                                _mm_hadd_ps(fold(sums[2]), fold(sums[3])));
       __m128bh rounded = _mm_cvtneps_pbh(four);
       std::memcpy(y + r * stride + c, &rounded, 4 * sizeof(uint16_t));
     }
@@ -223,9 +224,7 @@ inline at::Tensor own_plain_matmul(const at::Tensor& input, const at::Tensor& we
 #else
   TORCH_CHECK(false, "our matmul is built for x86-64 with GCC only");
 #endif
-  std::vector<int64_t> shape = input.sizes().vec();
-  shape.back() = columns;
-  return y.view(shape);
+  return shaped_as(y, input);
 }
 
 }  // namespace

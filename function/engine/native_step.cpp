@@ -293,9 +293,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
         for (int64_t at = 0; at < rows; at += kOwnRows) {
           parts.push_back(own_plain_matmul(flat.slice(0, at, at + kOwnRows), weight));
         }
-        std::vector<int64_t> shape = x.sizes().vec();
-        shape.back() = weight.size(0);
-        return at::cat(parts).view(shape);
+        return shaped_as(at::cat(parts), x);
       },
       py::arg("x"), py::arg("weight"));
   module.def("own_matmul_supported", &own_matmul_supported);
