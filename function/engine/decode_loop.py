@@ -25,6 +25,7 @@ from transformers import (
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxTimeCriteria
 
 from function.engine.decoder import Decoder
+from function.engine.speculation import decode_with_lookup
 
 
 def decode(
@@ -66,6 +67,14 @@ def decode(
     if streamer is not None:
         streamer.put(input_ids.cpu())
     logits = torch.cat([decoder.prefill_row(prompt, cache, row) for row, prompt in enumerate(prompts)])
+    if decoder.lookup_tokens and decoder.batch_exact and not config.do_sample and not processors:
+        # plain greedy on rows that decode bitwise as alone: drafts from each row's own text, checked
+        output = decode_with_lookup(
+            decoder, input_ids, logits, prompts, cache, criteria, streamer, max_new, pad_id
+        )
+        if streamer is not None:
+            streamer.end()
+        return output
     positions = torch.tensor([[len(prompt)] for prompt in prompts])
     # Greedy rows batched because they decode bitwise as alone must; sampled rows, float32's and
     # BATCH_REDUCED_PRECISION's batches attend together (see batching.exact_batching).

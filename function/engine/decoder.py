@@ -104,6 +104,7 @@ class Decoder:
         self.batch_exact = (
             False  # batched rows decode bitwise as alone, measured (`function.engine.calibration`)
         )
+        self.lookup_tokens = 0  # greedy rows draft this many tokens a step at most (engine.speculation)
         self.native: Any = None  # the layer loop in C++ (`_decode_layers`; function.engine.native)
         self.native_head: Any = None  # our matmul for a plain output layer (`_project`; native.native_head)
 

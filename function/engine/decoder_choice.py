@@ -153,13 +153,16 @@ def attach_decoder(
     on_lambda: bool = False,
     native_step: str = "auto",
     batching: bool = True,
+    lookup_tokens: int = 0,
 ) -> LoadedModel:
     """`loaded` with our decoder when it can run the model (its linear layers packed in place), else
     as it was; either way with the reason /model_info shows. Never fails a load: a model ours can't
-    take decodes with transformers. `batch_rows`: the micro-batcher's largest batch, to `calibrate`
-    exact batching for (None: no batcher, or a model whose batching needs no measuring). `pack_tied`:
+    take decodes with transformers. `batch_rows`: the most rows a step runs (the micro-batcher's
+    largest batch, or a row and its drafts), to `calibrate` exact rows for (None or 1: nothing to
+    measure, or float32's batches, which need no measuring). `pack_tied`:
     PACK_TIED_OUTPUT (`tied_output_choice`). `native_step`: NATIVE_STEP; `batching`: a micro-batcher
-    serves it (`native_choice`)."""
+    serves it (`native_choice`). `lookup_tokens`: PROMPT_LOOKUP_TOKENS, kept where calibration measured
+    the rows of a step bitwise as alone (function.engine.speculation)."""
     reason = _transformers_reason(loaded, setting, compiled=compiled)
     if reason is not None:
         return replace(loaded, decoder=None, decoder_reason=f"transformers: {reason}")
@@ -178,8 +181,9 @@ def attach_decoder(
         with torch.inference_mode():
             exact = calibrate(decoder, batch_rows)
         padded = sum(1 for least in decoder.least_rows.values() if least > 1)
+        rows = "batched rows" if batching else "the rows of a step"
         reason += (
-            f"; batched rows decode bitwise as alone (measured; {padded} matmuls take 2 rows at least; "
+            f"; {rows} decode bitwise as alone (measured; {padded} matmuls take 2 rows at least; "
             + (
                 "each row attends to its own keys, in C++)"
                 if decoder.native is not None
@@ -188,10 +192,26 @@ def attach_decoder(
                 else "rows attend one at a time)"
             )
             if exact
-            else "; batched rows do not decode bitwise as alone here (measured): greedy requests run alone"
+            else f"; {rows} do not decode bitwise as alone here (measured)"
+            + (": greedy requests run alone" if batching else "")
         )
+        decoder.lookup_tokens = lookup_tokens if exact else 0
+        if not batching:  # a step's rows are one row and its drafts, each attending alone: no blocks
+            decoder.block_spans = False
         logger.info("decoder: %s", reason)
+    reason += _lookup_words(decoder, lookup_tokens)
     return replace(loaded, decoder=decoder, decoder_reason=reason)
+
+
+def _lookup_words(decoder: Decoder, setting: int) -> str:
+    if decoder.lookup_tokens:
+        return (
+            f"; plain greedy requests draft up to {decoder.lookup_tokens} tokens a step from their own text "
+            "and check them in one step (PROMPT_LOOKUP_TOKENS)"
+        )
+    if setting:
+        return "; no drafts (PROMPT_LOOKUP_TOKENS): the rows of a step were not measured bitwise as alone"
+    return ""
 
 
 def native_choice(decoder: Decoder, setting: str, *, batched: bool = True) -> tuple[Any, str]:
@@ -248,7 +268,11 @@ def load_with_decoder(
         adapters=adapters,
         check_path=check_path,
     )
-    rows = settings.batch_max_size if batching and not float32_batching(loaded) else None
+    if batching and float32_batching(loaded):
+        rows = None  # float32 batches regardless (batching.exact_batching), unmeasured: no drafts either
+    else:  # a batch's rows, and a step's drafts (PROMPT_LOOKUP_TOKENS), decode as alone only if measured
+        lookup = settings.prompt_lookup_tokens
+        rows = max(settings.batch_max_size if batching else 1, lookup + 1 if lookup else 1)
     return attach_decoder(
         loaded,
         settings.decoder,
@@ -258,4 +282,5 @@ def load_with_decoder(
         on_lambda=settings.on_lambda,
         native_step=settings.native_step,
         batching=batching,
+        lookup_tokens=settings.prompt_lookup_tokens,
     )
