@@ -101,7 +101,9 @@ def _steps(engine: Engine, monkeypatch: pytest.MonkeyPatch, columns: list[int] |
     return rows
 
 
-GREEDY = {"temperature": 0, "repetition_penalty": 1.0}  # plain greedy: what drafts serve
+def plain_greedy(max_new_tokens: int, **options: Any) -> SamplingParams:
+    """Greedy without a repetition penalty: what drafts serve."""
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=0, repetition_penalty=1.0, **options)
 
 
 @pytest.mark.parametrize(
@@ -118,7 +120,7 @@ def test_the_example_model_answers_as_without_drafts_in_fewer_steps(
 ) -> None:
     engine = _engine(example_model_dir(), cpu_dtype="bfloat16", max_new_tokens=64, **settings)
     assert engine.current is not None and DRAFTS in engine.current.decoder_reason
-    greedy = SamplingParams(max_new_tokens=64, **GREEDY)
+    greedy = plain_greedy(64)
     steps = _steps(engine, monkeypatch)
 
     with one_token_at_a_time(engine):
@@ -144,7 +146,7 @@ def test_drafts_answer_as_a_decoder_without_them_where_rows_are_alike_in_any_cal
     assert plain.current is not None and "draft" not in plain.current.decoder_reason
     if "matmuls our own" not in plain.current.decoder_reason:
         pytest.skip("our own matmuls need AVX-512 BF16")
-    greedy = SamplingParams(max_new_tokens=24, **GREEDY)
+    greedy = plain_greedy(24)
 
     for prompt in PROMPTS:
         assert drafting.generate(prompt, greedy).continuations == plain.generate(prompt, greedy).continuations
@@ -155,7 +157,7 @@ def test_quantized_models_answer_as_without_drafts(demo_model_dir: Path, quantiz
     engine = _engine(demo_model_dir, cpu_dtype="bfloat16", batch_max_size=1)
     engine.load(str(demo_model_dir), quantization)  # type: ignore[arg-type]
     assert engine.current is not None and DRAFTS in engine.current.decoder_reason
-    greedy = SamplingParams(max_new_tokens=24, **GREEDY)
+    greedy = plain_greedy(24)
     prompts = ["Hello", "1 2 3 1 2 3 1 2 3", "a b a b a b a b"]
 
     with one_token_at_a_time(engine):
@@ -187,7 +189,7 @@ def test_a_batch_with_its_own_limits_and_a_stop_string_answers_and_streams_as_wi
     items = [
         (
             loaded.tokenizer(prompt, return_tensors="pt"),
-            SamplingParams(max_new_tokens=limit, stop=["council"], **GREEDY),
+            plain_greedy(limit, stop=("council",)),
         )
         for prompt, limit in [(PROMPTS[0], 64), (PROMPTS[1], 24), (PROMPTS[2], 7)]
     ]
@@ -205,7 +207,7 @@ def test_a_batch_with_its_own_limits_and_a_stop_string_answers_and_streams_as_wi
 @pytest.mark.parametrize("max_new_tokens", [1, 2, 3])
 def test_drafts_stop_at_the_token_limit(max_new_tokens: int, monkeypatch: pytest.MonkeyPatch) -> None:
     engine = _engine(example_model_dir(), cpu_dtype="bfloat16", batch_max_size=1)
-    greedy = SamplingParams(max_new_tokens=max_new_tokens, **GREEDY)
+    greedy = plain_greedy(max_new_tokens)
     prompt = "1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2,"
     with one_token_at_a_time(engine):
         expected = engine.generate(prompt, greedy)
