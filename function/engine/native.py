@@ -128,26 +128,27 @@ def _load() -> tuple[Any, str]:
     return module, ""
 
 
-def native_layers(decoder: Any, *, own_matmuls: bool = False) -> tuple[Any, str]:
+def native_layers(decoder: Any, *, own_matmuls: bool = False) -> tuple[Any, str, bool]:
     """The C++ `Layers` over `decoder`'s weights (shared, not copied) and what it runs its matmuls
     on (worded to follow "layers stepped in C++"); or None and why it can't run them (worded to
-    follow "the C++ step"). `own_matmuls`: the bf16 projections our own matmul can read go to it
-    (native_matmul.h: faster than oneDNN's for a row or two, slower for 8), for a decoder that
-    steps one row at a time."""
+    follow "the C++ step"); and whether every matmul is our own. `own_matmuls`: the bf16 projections
+    our own matmul can read go to it (native_matmul.h: faster than oneDNN's for a row or two,
+    slower for 8), for a decoder that steps one row at a time."""
     module, why_not = load()
     if module is None:
-        return None, f"is {why_not}"
+        return None, f"is {why_not}", False
     if decoder.dtype not in ACTIVATION_DTYPES:
-        return None, f"takes bfloat16 or float32 activations, not {str(decoder.dtype).removeprefix('torch.')}"
+        dtype = str(decoder.dtype).removeprefix("torch.")
+        return None, f"takes bfloat16 or float32 activations, not {dtype}", False
     projections = [
         [_projection(module, getattr(layer, name)) for layer in decoder.layers]
         for name in ("qkv", "o", "gate_up", "down")
     ]
     if not decoder.layers or any(projection is None for group in projections for projection in group):
-        return None, "does not take these projections"
+        return None, "does not take these projections", False
     norms = [weight for layer in decoder.layers for weight in (layer.attention_norm, layer.mlp_norm)]
     if any(weight.dtype != decoder.dtype for weight in norms):
-        return None, "takes norm weights of the activations' dtype"
+        return None, "takes norm weights of the activations' dtype", False
     width = decoder.hidden_size
     try:
         layers = module.Layers(
@@ -162,12 +163,16 @@ def native_layers(decoder: Any, *, own_matmuls: bool = False) -> tuple[Any, str]
         )
         own = layers.own_matmuls() if own_matmuls else 0
     except RuntimeError as error:  # shapes its checks refuse: the load goes on, in Python
-        return None, f"does not take this model: {str(error).splitlines()[0]}"
+        return None, f"does not take this model: {str(error).splitlines()[0]}", False
     total = 4 * len(decoder.layers)
     if not own:
-        return layers, ""
+        return layers, "", False
     rest = "" if own == total else ", the rest oneDNN's"
-    return layers, f", {own} of its {total} matmuls our own (AVX-512 BF16, for one row at a time{rest})"
+    return (
+        layers,
+        f", {own} of its {total} matmuls our own (AVX-512 BF16, for one row at a time{rest})",
+        own == total,
+    )
 
 
 def native_head(decoder: Any) -> Any:

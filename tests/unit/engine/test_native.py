@@ -238,7 +238,7 @@ def test_build_native_is_quick_and_says_so_when_the_build_is_current(
 def test_a_projection_of_another_width_is_refused_before_it_is_read() -> None:
     decoder = Decoder(fused_copy(tiny("llama", torch.bfloat16)))
     decoder.intermediate += 32  # the C++ step told of a wider MLP than its weights give
-    layers, _ = native.native_layers(decoder)
+    layers, _, _ = native.native_layers(decoder)
     cache = decoder.new_cache(1, 8)
     x = decoder.embed(torch.tensor([[3]]))
 

@@ -120,6 +120,7 @@ def test_the_example_model_answers_as_without_drafts_in_fewer_steps(
 ) -> None:
     engine = _engine(example_model_dir(), cpu_dtype="bfloat16", max_new_tokens=64, **settings)
     assert engine.current is not None and DRAFTS in engine.current.decoder_reason
+    assert "decode bitwise as alone (" in engine.current.decoder_reason  # measured, or by construction
     greedy = plain_greedy(64)
     steps = _steps(engine, monkeypatch)
 
@@ -139,13 +140,17 @@ def test_the_example_model_answers_as_without_drafts_in_fewer_steps(
 
 
 def test_drafts_answer_as_a_decoder_without_them_where_rows_are_alike_in_any_call() -> None:
-    """Our own matmuls (no batcher, AVX-512 BF16) round a row alike in any call by construction, so
-    the calibration drafts need pads nothing: PROMPT_LOOKUP_TOKENS=0 gives the same answers."""
+    """Our own matmuls (no batcher, AVX-512 BF16) round a row alike in any call by construction: no
+    calibration pads a call, so PROMPT_LOOKUP_TOKENS=0 gives the same answers."""
     drafting = _engine(example_model_dir(), cpu_dtype="bfloat16", batch_max_size=1)
     plain = _engine(example_model_dir(), cpu_dtype="bfloat16", batch_max_size=1, prompt_lookup_tokens=0)
     assert plain.current is not None and "draft" not in plain.current.decoder_reason
     if "matmuls our own" not in plain.current.decoder_reason:
         pytest.skip("our own matmuls need AVX-512 BF16")
+    assert drafting.current is not None
+    assert "the rows of a step decode bitwise as alone (our own matmuls: by construction)" in (
+        drafting.current.decoder_reason
+    )
     greedy = plain_greedy(24)
 
     for prompt in PROMPTS:
