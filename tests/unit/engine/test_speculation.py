@@ -210,6 +210,32 @@ def test_a_batch_with_its_own_limits_and_a_stop_string_answers_and_streams_as_wi
     assert stream.puts == expected_stream.puts and stream.ended and expected_stream.ended
 
 
+def test_a_batch_steps_no_more_rows_than_it_began_with(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Six rows, four of which stop early: drafts take the places of rows that finished (or have
+    tokens kept), never a seventh row (an 8-row step is bound by arithmetic: more rows cost what
+    they save)."""
+    engine = _engine(example_model_dir(), cpu_dtype="bfloat16", batch_max_size=8)
+    loaded = engine.current
+    assert loaded is not None
+    rows = [
+        (ECHO, 32),
+        (PROMPTS[2], 4),
+        (PROMPTS[4], 32),
+        (PROMPTS[0], 6),
+        ("a b c a b c a b c", 32),
+        (ECHO, 2),
+    ]
+    items = [(loaded.tokenizer(prompt, return_tensors="pt"), plain_greedy(limit)) for prompt, limit in rows]
+    steps = _steps(engine, monkeypatch)
+    with one_token_at_a_time(engine):
+        expected = run_batch(loaded, items)
+    without = len(steps)
+    steps.clear()
+
+    assert run_batch(loaded, items) == expected
+    assert max(steps) == 6 and len(steps) < without
+
+
 @pytest.mark.parametrize("max_new_tokens", [1, 2, 3])
 def test_drafts_stop_at_the_token_limit(max_new_tokens: int, monkeypatch: pytest.MonkeyPatch) -> None:
     engine = _engine(example_model_dir(), cpu_dtype="bfloat16", batch_max_size=1)
