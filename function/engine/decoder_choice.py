@@ -217,7 +217,7 @@ def _exact_rows(decoder: Decoder, rows: int, *, batching: bool) -> str:
 def _lookup_words(decoder: Decoder, setting: int) -> str:
     if decoder.lookup_tokens:
         return (
-            f"; plain greedy requests draft up to {decoder.lookup_tokens} tokens a step from their own text "
+            f"; greedy requests draft up to {decoder.lookup_tokens} tokens a step from their own text "
             "and check them in one step (PROMPT_LOOKUP_TOKENS)"
         )
     if setting:

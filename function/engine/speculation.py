@@ -2,7 +2,7 @@
 lookup decoding, as transformers' `prompt_lookup_num_tokens` and vLLM's n-gram speculator do).
 
 A one-row decode step on CPU is bound by reading the weights, so a step of a few rows costs little
-more than a step of one (SmolLM2-135M, bf16, 2 cores: 5 rows 1.2x one row on oneDNN). Where a row's
+more than a step of one (SmolLM2-135M, bf16, 2 cores: 4 rows 1.2x one row on oneDNN). Where a row's
 last tokens occurred earlier in its prompt or its output, the tokens that followed then are a
 draft; the row's last token and its draft go through the model as rows of one step, each at its
 own cache column and attending to the columns up to it (`Decoder.step_rows` with the row repeated).
@@ -10,15 +10,16 @@ The draft's tokens are kept up to the first the model would not have chosen, and
 choice after them is kept too: 1 to `1 + draft` tokens a step. A rejected draft's keys are written
 over by the next step before anything attends to them.
 
-Exact: each step's rows decode bitwise as alone (our decoder measured it at load:
-`Decoder.batch_exact`), so each kept token is the argmax of the same logits the one-token loop
-computes, and the answer is the same text. So it runs only for plain greedy requests (no logits
-processor: a repetition penalty would need each draft's own context), on decoders whose rows
-decode as alone.
+Exact: each step's rows decode bitwise as alone (our decoder measured it at load, or
+its matmuls are all our own: `Decoder.batch_exact`), so each kept token is the argmax of the same
+logits the one-token loop computes, and the answer is the same text. So it runs for greedy
+requests, on decoders whose rows decode as alone; with a repetition penalty for one request at a
+time (each draft token's penalty is applied in its own context), not in a batch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -71,9 +72,12 @@ def decode_with_lookup(
     streamer: Any,
     max_new: int,
     pad_id: torch.Tensor,
+    processors: Any = None,
 ) -> torch.Tensor:
     """`decode_loop.decode`'s greedy loop, with drafts: `ids` the left-padded prompts, `logits` their
     prefills' (each prompt alone at columns 0.. of its cache row). Returns the ids as that loop does.
+    `processors` (a repetition penalty: one row only): applied to each draft token's logits in its
+    own context, the row's ids and the draft before it, as the one-token loop would.
 
     Each iteration emits one token for every row, as the one-token loop does (the stopping
     criteria and the streamer see the same sequence of calls); a row steps the model only when the
@@ -83,10 +87,21 @@ def decode_with_lookup(
     or skip steps with tokens kept, drafts take their place (8 clients on the example model: 1.01-1.04x
     without drafts; more rows than the batch's lost, 0.85x: 8 rows are bound by the CPU's arithmetic)."""
     batch = len(prompts)
+    if processors and batch > 1:
+        raise ValueError("logits processors take drafts of one row only")
     budget = max(batch, decoder.lookup_tokens + 1)  # never more rows than the batch began with
     lookups = [PromptLookup(prompt.tolist()) for prompt in prompts]
+
+    def score(prefix: list[int], row_logits: torch.Tensor) -> torch.Tensor:
+        """A token's scores after the row's ids (as they are now) and the draft before it."""
+        if not processors:
+            return row_logits
+        context = torch.cat((ids, torch.tensor([prefix], dtype=ids.dtype)), dim=-1) if prefix else ids
+        processed: torch.Tensor = processors(context, row_logits[None])[0]
+        return processed
+
     queued: list[Queue] = [[] for _ in range(batch)]
-    _keep(queued, list(range(batch)), logits.float(), [[] for _ in range(batch)])
+    _keep(queued, list(range(batch)), logits.float(), [[] for _ in range(batch)], score)
     columns = [len(prompt) for prompt in prompts]  # where each row's next model input goes
     unfinished = torch.ones(batch, dtype=torch.long)
     finished_scores = torch.zeros(logits.shape[-1])
@@ -106,6 +121,7 @@ def decode_with_lookup(
                 needing,
                 _step(decoder, cache, needing, last, drafts, [columns[row] for row in needing]),
                 drafts,
+                score,
             )
         finished = (int(pad_id), finished_scores)
         chosen = [queued[row].pop(0) if unfinished[row] else finished for row in range(batch)]
@@ -146,14 +162,22 @@ def _step(
     ).float()
 
 
-def _keep(queued: list[Queue], rows: list[int], logits: torch.Tensor, drafts: list[list[int]]) -> None:
-    """Queue each row's chosen tokens: the argmax after its last token, and after each draft token
-    the model chose too (a draft is kept up to its first token the model would not have chosen)."""
-    choices = torch.argmax(logits, dim=-1).tolist()
+def _keep(
+    queued: list[Queue],
+    rows: list[int],
+    logits: torch.Tensor,
+    drafts: list[list[int]],
+    score: Callable[[list[int], torch.Tensor], torch.Tensor],
+) -> None:
+    """Queue each row's chosen tokens: the argmax of the scores (`score`: the logits processed in
+    their context) after its last token, and after each draft token the model chose too (a draft is
+    kept up to its first token the model would not have chosen)."""
     at = 0
     for row, draft in zip(rows, drafts, strict=True):
         for index in range(len(draft) + 1):
-            queued[row].append((choices[at + index], logits[at + index]))
-            if index == len(draft) or draft[index] != choices[at + index]:
+            scores = score(draft[:index], logits[at + index])
+            choice = int(torch.argmax(scores))
+            queued[row].append((choice, scores))
+            if index == len(draft) or draft[index] != choice:
                 break
         at += len(draft) + 1

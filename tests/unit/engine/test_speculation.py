@@ -5,15 +5,17 @@ must save steps where the text repeats; requests it can't serve exactly must not
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
+from transformers import LogitsProcessor, LogitsProcessorList
 
+from function.engine.decode_loop import decode
 from function.engine.engine import Engine
-from function.engine.generation import run_batch
+from function.engine.generation import generation_config, run_batch
 from function.engine.speculation import PromptLookup
 from function.engine.types import SamplingParams
 from tests.support.example_model import example_model_dir
@@ -29,7 +31,7 @@ PROMPTS = [
     "How do I read a file in Python?",  # one token: the end
     ECHO,
 ]
-DRAFTS = "plain greedy requests draft up to 4 tokens a step from their own text"
+DRAFTS = "greedy requests draft up to 3 tokens a step from their own text"
 
 
 # --- the drafts -------------------------------------------------------------------------------
@@ -75,12 +77,12 @@ def one_token_at_a_time(engine: Engine) -> Iterator[None]:
     drafts was calibrated to round a row alike in calls of any size, which may pad a one-row call:
     its answers are compared with its own one-token loop, not with an uncalibrated decoder's.)"""
     decoder = engine.current.decoder if engine.current is not None else None
-    assert decoder is not None and decoder.lookup_tokens == 4
+    assert decoder is not None and decoder.lookup_tokens == 3
     decoder.lookup_tokens = 0
     try:
         yield
     finally:
-        decoder.lookup_tokens = 4
+        decoder.lookup_tokens = 3
 
 
 def _steps(engine: Engine, monkeypatch: pytest.MonkeyPatch, columns: list[int] | None = None) -> list[int]:
@@ -258,23 +260,89 @@ def test_drafts_stop_at_the_token_limit(max_new_tokens: int, monkeypatch: pytest
 # --- where it does not draft -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "params",
-    [
-        SamplingParams(max_new_tokens=16, temperature=0, repetition_penalty=1.2),  # each draft's own context
-        SamplingParams(max_new_tokens=16, temperature=0.8, seed=3),  # sampled
-    ],
-    ids=["repetition penalty", "sampled"],
-)
-def test_requests_that_drafts_would_change_step_a_token_at_a_time(
-    params: SamplingParams, monkeypatch: pytest.MonkeyPatch
+def test_a_repetition_penalty_applies_to_each_draft_token_in_its_own_context(
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """One request with a penalty drafts: each draft token's logits are penalized for the ids before
+    it, the draft's own included, as the one-token loop penalizes them."""
+    engine = _engine(example_model_dir(), cpu_dtype="bfloat16", batch_max_size=1, max_new_tokens=40)
+    steps = _steps(engine, monkeypatch)
+    prompts = ["List: apple, banana, cherry. Repeat the list: apple,", ECHO, PROMPTS[2]]  # they repeat
+    for penalty in (1.1, 0.8):  # below 1 a penalty favours repeating
+        params = SamplingParams(max_new_tokens=40, temperature=0, repetition_penalty=penalty)
+        with one_token_at_a_time(engine):
+            expected = [engine.generate(prompt, params) for prompt in prompts]
+        steps.clear()
+
+        got = [engine.generate(prompt, params) for prompt in prompts]
+
+        assert [(c.continuations, c.completion_tokens) for c in got] == [
+            (c.continuations, c.completion_tokens) for c in expected
+        ]
+        assert max(steps) > 1  # drafted
+
+
+class Contexts(LogitsProcessor):  # type: ignore[misc]
+    """A logits processor that changes nothing and keeps the ids of each row it is called with."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, ...]] = []
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        self.seen += [tuple(row) for row in input_ids.tolist()]
+        return scores
+
+
+def test_a_processor_sees_each_kept_token_in_the_context_the_one_token_loop_gives_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every context the one-token loop processes a token's logits in, the drafting loop processes
+    that token's logits in too: the ids before it, the draft tokens before it included."""
     engine = _engine(example_model_dir(), cpu_dtype="bfloat16", batch_max_size=1)
-    rows = _steps(engine, monkeypatch)
+    loaded = engine.current
+    assert loaded is not None and loaded.decoder is not None
+    encoded = loaded.tokenizer(ECHO, return_tensors="pt")
+    config = generation_config(loaded, plain_greedy(24))
+    steps = _steps(engine, monkeypatch)
+    runs = {}
+    for drafts in (False, True):
+        contexts = Contexts()
+        with ExitStack() as stack:
+            if not drafts:
+                stack.enter_context(one_token_at_a_time(engine))
+            ids = decode(
+                loaded.decoder,
+                encoded["input_ids"],
+                encoded["attention_mask"],
+                config,
+                LogitsProcessorList([contexts]),
+            )
+        runs[drafts] = ids.tolist(), contexts.seen
 
-    engine.generate("1, 2, 3, 1, 2, 3, 1, 2, 3,", params)
+    (expected, one_token), (got, drafting) = runs[False], runs[True]
+    assert got == expected and len(one_token) == 24
+    assert set(one_token) <= set(drafting)
+    assert max(steps) > 1  # the drafting run drafted
 
-    assert len(rows) == 15 and max(rows) == 1  # a step for each token after the first
+
+def test_a_batch_with_a_repetition_penalty_and_sampled_requests_step_a_token_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A penalty in a batch would need each row's processors apart; a sample is no argmax to check."""
+    engine = _engine(example_model_dir(), cpu_dtype="bfloat16", batch_max_size=4)
+    loaded = engine.current
+    assert loaded is not None
+    steps = _steps(engine, monkeypatch)
+    penalized = SamplingParams(max_new_tokens=16, temperature=0, repetition_penalty=1.2)
+    items = [(loaded.tokenizer(prompt, return_tensors="pt"), penalized) for prompt in (ECHO, PROMPTS[2])]
+
+    run_batch(loaded, items)
+    batched = list(steps)
+    steps.clear()
+    sampled = engine.generate(ECHO, SamplingParams(max_new_tokens=16, temperature=0.8, seed=3))
+
+    assert batched and max(batched) <= 2  # drafts would fill a step up to 4 rows
+    assert steps == [1] * (sampled.completion_tokens - 1)  # a step for each token after the first
 
 
 def test_float32_batches_are_not_measured_so_they_do_not_draft(demo_model_dir: Path) -> None:
