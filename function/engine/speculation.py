@@ -109,12 +109,7 @@ def decode_with_lookup(
         live = unfinished.nonzero()[:, 0].tolist()
         needing = [row for row in live if not queued[row]]
         if needing:
-            spare = budget - len(needing)
-            drafts = []
-            for row in needing:
-                draft = lookups[row].draft(min(spare, max_new - 1 - step)) if spare > 0 else []
-                spare -= len(draft)
-                drafts.append(draft)
+            drafts = _drafts([lookups[row] for row in needing], budget - len(needing), max_new - 1 - step)
             last = [lookups[row].tokens[-1] for row in needing]
             _keep(
                 queued,
@@ -138,6 +133,17 @@ def decode_with_lookup(
         for row in needing:  # the inputs its step kept now hold keys; the next goes after them
             columns[row] += 1 + len(queued[row])
     return ids
+
+
+def _drafts(lookups: list[PromptLookup], spare: int, remaining: int) -> list[list[int]]:
+    """Each row's draft, in order, while `spare` rows are left in the step, none past the `remaining`
+    tokens the request may still produce after the next."""
+    drafts = []
+    for lookup in lookups:
+        draft = lookup.draft(min(spare, remaining))
+        spare -= len(draft)
+        drafts.append(draft)
+    return drafts
 
 
 def _step(
