@@ -69,7 +69,7 @@ def quantized_servers(model_dir: Path) -> None:
         environment["LOAD_IN_4BIT"] = str(flag == "--load_in_4bit").lower()
         try:
             with server(model_dir, **environment) as url:
-                body = {"prompt": PROMPTS[0], "max_new_tokens": 16, "temperature": 0}
+                body: dict[str, Any] = {"prompt": PROMPTS[0], "max_new_tokens": 16, "temperature": 0}
                 generated = requests.post(f"{url}/generate", json=body, timeout=300)
                 info = requests.get(f"{url}/model_info", timeout=60).json()
         except RuntimeError as exc:

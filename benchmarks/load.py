@@ -22,11 +22,17 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import requests
 
 REPO = Path(__file__).resolve().parents[1]
-REQUEST = {"prompt": "Python이란 무엇인가요?", "max_new_tokens": 32, "temperature": 0.7, "top_p": 0.9}
+REQUEST: dict[str, Any] = {
+    "prompt": "Python이란 무엇인가요?",
+    "max_new_tokens": 32,
+    "temperature": 0.7,
+    "top_p": 0.9,
+}
 
 
 def percentile(values: list[float], q: float) -> float:

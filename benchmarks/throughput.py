@@ -55,7 +55,13 @@ PROMPTS = [
     "How do I read a file in Python?",
 ]
 # The guide's default request: sampled, temperature 0.7, top_p 0.9, top_k 50, repetition penalty 1.1.
-GUIDE_DEFAULTS = {"temperature": 0.7, "top_p": 0.9, "top_k": 50, "repetition_penalty": 1.1, "do_sample": True}
+GUIDE_DEFAULTS: dict[str, Any] = {
+    "temperature": 0.7,
+    "top_p": 0.9,
+    "top_k": 50,
+    "repetition_penalty": 1.1,
+    "do_sample": True,
+}
 
 
 def machine() -> str:
@@ -198,7 +204,11 @@ def http_overhead(engine: Engine, url: str, count: int) -> dict[str, float]:
     server_seconds: list[float] = []
 
     def over_http(index: int) -> None:
-        body = {"prompt": f"{PROMPTS[index % 8]} {next(unique)}", "max_new_tokens": 8, "temperature": 0}
+        body: dict[str, Any] = {
+            "prompt": f"{PROMPTS[index % 8]} {next(unique)}",
+            "max_new_tokens": 8,
+            "temperature": 0,
+        }
         response = session.post(f"{url}/generate", json={**body, "repetition_penalty": 1.0}, timeout=120)
         response.raise_for_status()
         server_seconds.append(float(response.json()["generation_time"]))
@@ -232,7 +242,7 @@ def cache_latency(engine: Engine, url: str) -> dict[str, float]:
     miss = time.perf_counter() - started
     hits = latencies(lambda _: engine.generate("cache me", params), 50)
     session = requests.Session()
-    body = {"prompt": "cache me over http", "max_new_tokens": 16, "temperature": 0}
+    body: dict[str, Any] = {"prompt": "cache me over http", "max_new_tokens": 16, "temperature": 0}
     http_hits = latencies(lambda _: session.post(f"{url}/generate", json=body, timeout=120), 30)
     assert engine.cache.hits >= 50
     return {
@@ -249,7 +259,10 @@ def concurrent_throughput(url: str, clients: int, per_client: int, new_tokens: i
         session = requests.Session()
         produced = 0
         for index in range(per_client):
-            body = {"prompt": f"{PROMPTS[number % 8]} ({number}.{index})", "max_new_tokens": new_tokens}
+            body: dict[str, Any] = {
+                "prompt": f"{PROMPTS[number % 8]} ({number}.{index})",
+                "max_new_tokens": new_tokens,
+            }
             response = session.post(f"{url}/generate", json={**body, **GUIDE_DEFAULTS}, timeout=600)
             response.raise_for_status()
             produced += int(response.json()["usage"]["completion_tokens"])

@@ -206,10 +206,12 @@ def restore(socket_path: str) -> int:
         child = json.loads(reply)["pid"] if reply else None
         print(f"[snapstart-emulation] restored environment: pid {child}", file=sys.stderr, flush=True)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # closing the socket ends the child
+        if child is None:  # the holder gave no environment
+            return 1
         while True:
             try:
-                os.kill(child, 0)
-            except (ProcessLookupError, TypeError):
+                os.kill(int(child), 0)
+            except ProcessLookupError:
                 return 1
             time.sleep(0.2)
 
