@@ -188,10 +188,14 @@ class Collected:
         self.ended = True
 
 
-def test_a_batch_with_its_own_limits_and_a_stop_string_answers_and_streams_as_without_drafts() -> None:
-    """Rows of different lengths and limits in one call, on a server's decoder; one stops at the stop
+@pytest.mark.parametrize("native_step", ["auto", "false"])
+def test_a_batch_with_its_own_limits_and_a_stop_string_answers_and_streams_as_without_drafts(
+    native_step: str,
+) -> None:
+    """Rows of different lengths and limits in one call, on a server's decoder (its layers stepped in
+    C++, or in Python, where neighbouring cache rows attend in one call); one stops at the stop
     string, the others at their limits, and the streamer sees the same tokens in the same calls."""
-    engine = _engine(example_model_dir(), cpu_dtype="bfloat16", batch_max_size=4)
+    engine = _engine(example_model_dir(), cpu_dtype="bfloat16", batch_max_size=4, native_step=native_step)
     loaded = engine.current
     assert loaded is not None
     items = [
