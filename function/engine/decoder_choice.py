@@ -161,8 +161,8 @@ def attach_decoder(
     largest batch, or a row and its drafts), to `calibrate` exact rows for (None or 1: nothing to
     measure, or float32's batches, which need no measuring). `pack_tied`:
     PACK_TIED_OUTPUT (`tied_output_choice`). `native_step`: NATIVE_STEP; `batching`: a micro-batcher
-    serves it (`native_choice`). `lookup_tokens`: PROMPT_LOOKUP_TOKENS, kept where calibration measured
-    the rows of a step bitwise as alone (function.engine.speculation)."""
+    serves it (`native_choice`). `lookup_tokens`: PROMPT_LOOKUP_TOKENS, kept where the rows of a step
+    decode bitwise as alone, measured or by construction (`_exact_rows`; function.engine.speculation)."""
     reason = _transformers_reason(loaded, setting, compiled=compiled)
     if reason is not None:
         return replace(loaded, decoder=None, decoder_reason=f"transformers: {reason}")
