@@ -153,9 +153,9 @@ class Settings(BaseSettings):
         description="Our decoder: a greedy request drafts up to this many tokens a step from its own "
         "prompt and output (where its last 3 or 2 tokens occurred before, the tokens that followed), and "
         "checks them in one step of the model: the same answer, 1 to 1+N tokens a step "
-        "(function/engine/speculation.py). Not in a batch of requests with a repetition penalty, nor for "
-        "sampled ones. Off where a step's rows are not known to decode bitwise as alone (float32 in server "
-        "mode, or a failed measurement). 0: off.",
+        "(function/engine/speculation.py). A repetition penalty applies to each drafted token in its own "
+        "context; sampled requests do not draft. Off where a step's rows are not known to decode bitwise "
+        "as alone (float32 in server mode, or a failed measurement). 0: off.",
     )
     torch_compile: bool = Field(
         default=False,

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from transformers import LogitsProcessor, StoppingCriteria
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria
 
 from function.engine.streaming import first_stop
 from function.engine.types import Cancellation
@@ -23,6 +23,10 @@ class BoundedLogits(LogitsProcessor):  # type: ignore[misc]
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         return torch.nan_to_num(scores, nan=-LOGIT_BOUND).clamp(-LOGIT_BOUND, LOGIT_BOUND)
+
+    def for_row(self, row: int) -> BoundedLogits:
+        """The same for one row of the batch alone (`row_processors`): nothing is per row."""
+        return self
 
 
 class PaddingAwareRepetitionPenalty(LogitsProcessor):  # type: ignore[misc]
@@ -43,6 +47,19 @@ class PaddingAwareRepetitionPenalty(LogitsProcessor):  # type: ignore[misc]
         score = torch.gather(widened, 1, ids)
         score = torch.where(score < 0, score * self.penalty, score / self.penalty)
         return widened.scatter(1, ids, score)[..., :vocab]
+
+    def for_row(self, row: int) -> PaddingAwareRepetitionPenalty:
+        """The penalty of row `row` of the batch alone, with that row's padding (`row_processors`)."""
+        return PaddingAwareRepetitionPenalty(self.penalty, [int(self.pads[row])])
+
+
+def row_processors(processors: Sequence[Any], row: int) -> LogitsProcessorList | None:
+    """`processors` for row `row` of their batch alone: called with that row's ids (its padding
+    included) and logits, each gives bitwise what the batch's call gives that row (every op is a
+    row's own). None where one of them has no such view."""
+    if not all(hasattr(processor, "for_row") for processor in processors):
+        return None
+    return LogitsProcessorList([processor.for_row(row) for processor in processors])
 
 
 class RowLimits(StoppingCriteria):  # type: ignore[misc]

@@ -13,8 +13,8 @@ over by the next step before anything attends to them.
 Exact: each step's rows decode bitwise as alone (our decoder measured it at load, or
 its matmuls are all our own: `Decoder.batch_exact`), so each kept token is the argmax of the same
 logits the one-token loop computes, and the answer is the same text. So it runs for greedy
-requests, on decoders whose rows decode as alone; with a repetition penalty for one request at a
-time (each draft token's penalty is applied in its own context), not in a batch.
+requests, on decoders whose rows decode as alone, with a repetition penalty too (each draft
+token's penalty is applied in its own context).
 """
 
 from __future__ import annotations
@@ -72,12 +72,13 @@ def decode_with_lookup(
     streamer: Any,
     max_new: int,
     pad_id: torch.Tensor,
-    processors: Any = None,
+    processors: list[Any] | None = None,
 ) -> torch.Tensor:
     """`decode_loop.decode`'s greedy loop, with drafts: `ids` the left-padded prompts, `logits` their
     prefills' (each prompt alone at columns 0.. of its cache row). Returns the ids as that loop does.
-    `processors` (a repetition penalty: one row only): applied to each draft token's logits in its
-    own context, the row's ids and the draft before it, as the one-token loop would.
+    `processors` (a repetition penalty), one list a row (`logits.row_processors`): applied to each
+    draft token's logits in its own context, the row's ids and the draft before it, as the one-token
+    loop applies the batch's to that row.
 
     Each iteration emits one token for every row, as the one-token loop does (the stopping
     criteria and the streamer see the same sequence of calls); a row steps the model only when the
@@ -87,17 +88,19 @@ def decode_with_lookup(
     or skip steps with tokens kept, drafts take their place (8 clients on the example model: 1.01-1.04x
     without drafts; more rows than the batch's lost, 0.85x: 8 rows are bound by the CPU's arithmetic)."""
     batch = len(prompts)
-    if processors and batch > 1:
-        raise ValueError("logits processors take drafts of one row only")
+    if processors is not None and len(processors) != batch:
+        raise ValueError("one list of logits processors a row")
     budget = max(batch, decoder.lookup_tokens + 1)  # never more rows than the batch began with
     lookups = [PromptLookup(prompt.tolist()) for prompt in prompts]
 
-    def score(prefix: list[int], row_logits: torch.Tensor) -> torch.Tensor:
+    def score(row: int, prefix: list[int], row_logits: torch.Tensor) -> torch.Tensor:
         """A token's scores after the row's ids (as they are now) and the draft before it."""
-        if not processors:
+        if processors is None:
             return row_logits
-        context = torch.cat((ids, torch.tensor([prefix], dtype=ids.dtype)), dim=-1) if prefix else ids
-        processed: torch.Tensor = processors(context, row_logits[None])[0]
+        context = ids[row : row + 1]
+        if prefix:
+            context = torch.cat((context, torch.tensor([prefix], dtype=ids.dtype)), dim=-1)
+        processed: torch.Tensor = processors[row](context, row_logits[None])[0]
         return processed
 
     queued: list[Queue] = [[] for _ in range(batch)]
@@ -173,7 +176,7 @@ def _keep(
     rows: list[int],
     logits: torch.Tensor,
     drafts: list[list[int]],
-    score: Callable[[list[int], torch.Tensor], torch.Tensor],
+    score: Callable[[int, list[int], torch.Tensor], torch.Tensor],
 ) -> None:
     """Queue each row's chosen tokens: the argmax of the scores (`score`: the logits processed in
     their context) after its last token, and after each draft token the model chose too (a draft is
@@ -181,7 +184,7 @@ def _keep(
     at = 0
     for row, draft in zip(rows, drafts, strict=True):
         for index in range(len(draft) + 1):
-            scores = score(draft[:index], logits[at + index])
+            scores = score(row, draft[:index], logits[at + index])
             choice = int(torch.argmax(scores))
             queued[row].append((choice, scores))
             if index == len(draft) or draft[index] != choice:

@@ -7,10 +7,17 @@ from typing import Any
 
 import pytest
 import torch
+from transformers import LogitsProcessorList
 
 from function.engine.engine import Engine
 from function.engine.generation import decode_continuation
-from function.engine.logits import Cancelled, StopStrings
+from function.engine.logits import (
+    BoundedLogits,
+    Cancelled,
+    PaddingAwareRepetitionPenalty,
+    StopStrings,
+    row_processors,
+)
 from function.engine.types import Cancellation
 
 PROMPT_WIDTH = 2
@@ -90,3 +97,32 @@ def test_cancelled_rows_stop_and_the_others_go_on() -> None:
     # THEN only the cancelled row stops; a child cancellation follows its parent
     assert flags.tolist() == [False, True, False]
     assert Cancellation(parent=cancel).cancelled and not Cancellation(parent=other).cancelled
+
+
+def test_each_rows_processors_alone_give_what_the_batchs_give_that_row() -> None:
+    """`row_processors`: a row's penalty with its own padding, on its ids alone (the drafts' contexts,
+    function.engine.speculation), bitwise the batch call's row."""
+    generator = torch.Generator().manual_seed(0)
+    pads = [3, 0, 5]
+    batch: Any = torch.randint(1, 50, (3, 9), generator=generator)  # ids: a LongTensor
+    batch[0, :3], batch[2, :5] = 0, 0  # the padding's id also occurs in row 1's own tokens
+    batch[1, 4] = 0
+    scores = torch.randn(3, 60, generator=generator) * 5
+    processors = [PaddingAwareRepetitionPenalty(1.3, pads), BoundedLogits()]
+
+    together = LogitsProcessorList(processors)(batch, scores)
+    alone = [row_processors(processors, row) for row in range(3)]
+
+    for row, views in enumerate(alone):
+        assert views is not None
+        assert torch.equal(views(batch[row : row + 1], scores[row : row + 1])[0], together[row])
+    other = alone[1]  # another row's padding: another result (the check above is not vacuous)
+    assert other is not None and not torch.equal(other(batch[0:1], scores[0:1])[0], together[0])
+
+
+def test_a_processor_without_a_rows_view_has_none() -> None:
+    class Opaque:
+        def __call__(self, input_ids: Any, scores: Any) -> Any:
+            return scores
+
+    assert row_processors([BoundedLogits(), Opaque()], 0) is None

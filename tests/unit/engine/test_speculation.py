@@ -296,6 +296,10 @@ class Contexts(LogitsProcessor):  # type: ignore[misc]
         self.seen += [tuple(row) for row in input_ids.tolist()]
         return scores
 
+    def for_row(self, row: int) -> Contexts:
+        """Its view for one row of a batch (`logits.row_processors`): it keeps every row alike."""
+        return self
+
 
 def test_a_processor_sees_each_kept_token_in_the_context_the_one_token_loop_gives_it(
     monkeypatch: pytest.MonkeyPatch,
@@ -329,23 +333,34 @@ def test_a_processor_sees_each_kept_token_in_the_context_the_one_token_loop_give
     assert max(steps) > 1  # the drafting run drafted
 
 
-def test_a_batch_with_a_repetition_penalty_and_sampled_requests_step_a_token_at_a_time(
+def test_a_batch_with_a_repetition_penalty_drafts_each_row_in_its_own_context(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A penalty in a batch would need each row's processors apart; a sample is no argmax to check."""
-    engine = _engine(example_model_dir(), cpu_dtype="bfloat16", batch_max_size=4)
+    """Rows of different lengths (left-padded ids): each row's penalty sees its own ids and drafts,
+    blind to its padding, as the batch's penalty does in the one-token loop."""
+    engine = _engine(example_model_dir(), cpu_dtype="bfloat16", batch_max_size=4, max_new_tokens=40)
     loaded = engine.current
     assert loaded is not None
     steps = _steps(engine, monkeypatch)
-    penalized = SamplingParams(max_new_tokens=16, temperature=0, repetition_penalty=1.2)
-    items = [(loaded.tokenizer(prompt, return_tensors="pt"), penalized) for prompt in (ECHO, PROMPTS[2])]
+    prompts = ["List: apple, banana, cherry. Repeat the list: apple,", ECHO, PROMPTS[2]]
+    for penalty in (1.1, 0.8):
+        params = SamplingParams(max_new_tokens=40, temperature=0, repetition_penalty=penalty)
+        items = [(loaded.tokenizer(prompt, return_tensors="pt"), params) for prompt in prompts]
+        with one_token_at_a_time(engine):
+            expected = run_batch(loaded, items)
+        steps.clear()
 
-    run_batch(loaded, items)
-    batched = list(steps)
-    steps.clear()
+        assert run_batch(loaded, items) == expected
+        assert max(steps) > 3  # a row and its drafts beside the others: drafted
+
+
+def test_sampled_requests_step_a_token_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sample is no argmax to check a draft against."""
+    engine = _engine(example_model_dir(), cpu_dtype="bfloat16", batch_max_size=1)
+    steps = _steps(engine, monkeypatch)
+
     sampled = engine.generate(ECHO, SamplingParams(max_new_tokens=16, temperature=0.8, seed=3))
 
-    assert batched and max(batched) <= 2  # drafts would fill a step up to 4 rows
     assert steps == [1] * (sampled.completion_tokens - 1)  # a step for each token after the first
 
 
