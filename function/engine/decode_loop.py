@@ -68,14 +68,10 @@ def decode(
     if streamer is not None:
         streamer.put(input_ids.cpu())
     logits = torch.cat([decoder.prefill_row(prompt, cache, row) for row, prompt in enumerate(prompts)])
+    drafting = bool(decoder.lookup_tokens and decoder.batch_exact and not config.do_sample)
     # each row's processors alone, for its drafts' contexts (None: not every processor has a row's view)
-    rows = [row_processors(processors, row) for row in range(batch)] if processors else None
-    if (
-        decoder.lookup_tokens
-        and decoder.batch_exact
-        and not config.do_sample
-        and (rows is None or all(row is not None for row in rows))
-    ):
+    rows = [row_processors(processors, row) for row in range(batch)] if drafting and processors else None
+    if drafting and (rows is None or all(row is not None for row in rows)):
         # greedy, on rows that decode bitwise as alone: drafts from each row's own text, checked
         output = decode_with_lookup(
             decoder, input_ids, logits, prompts, cache, criteria, streamer, max_new, pad_id, rows
