@@ -161,17 +161,20 @@ def test_drafts_answer_as_a_decoder_without_them_where_rows_are_alike_in_any_cal
 
 
 @pytest.mark.parametrize("quantization", ["8bit", "4bit"])
-def test_quantized_models_answer_as_without_drafts(demo_model_dir: Path, quantization: str) -> None:
+def test_quantized_models_answer_as_without_drafts(
+    demo_model_dir: Path, quantization: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     engine = _engine(demo_model_dir, cpu_dtype="bfloat16", batch_max_size=1)
     engine.load(str(demo_model_dir), quantization)  # type: ignore[arg-type]
     assert engine.current is not None and DRAFTS in engine.current.decoder_reason
     greedy = plain_greedy(24)
     prompts = ["Hello", "1 2 3 1 2 3 1 2 3", "a b a b a b a b"]
-
     with one_token_at_a_time(engine):
         expected = [engine.generate(prompt, greedy).continuations for prompt in prompts]
+    steps = _steps(engine, monkeypatch)
 
     assert [engine.generate(prompt, greedy).continuations for prompt in prompts] == expected
+    assert max(steps) > 1  # drafts were checked: the comparison is not one of two one-token loops
 
 
 class Collected:
@@ -190,7 +193,7 @@ class Collected:
 
 @pytest.mark.parametrize("native_step", ["auto", "false"])
 def test_a_batch_with_its_own_limits_and_a_stop_string_answers_and_streams_as_without_drafts(
-    native_step: str,
+    native_step: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Rows of different lengths and limits in one call, on a server's decoder (its layers stepped in
     C++, or in Python, where neighbouring cache rows attend in one call); one stops at the stop
@@ -209,9 +212,11 @@ def test_a_batch_with_its_own_limits_and_a_stop_string_answers_and_streams_as_wi
 
     with one_token_at_a_time(engine):
         expected = run_batch(loaded, items, streamer=expected_stream)
+    steps = _steps(engine, monkeypatch)
     got = run_batch(loaded, items, streamer=stream)
 
     assert got == expected
+    assert max(steps) == 4  # three rows and a draft: the batch drafted
     assert [row.finish_reasons for row in got] == [["stop"], ["length"], ["length"]]
     assert stream.puts == expected_stream.puts and stream.ended and expected_stream.ended
 
