@@ -169,7 +169,7 @@ def attach_decoder(
     packed, tied = tied_output_choice(loaded.model, pack_tied, on_lambda=on_lambda)
     fuse_model(loaded.model, pack_tied_output=packed)
     decoder = Decoder(loaded.model)
-    decoder.native, loop = native_choice(decoder, native_step, batched=batching)
+    decoder.native, loop = native_choice(decoder, native_step)
     kernels = KERNELS[type(decoder.layers[0].o)] if decoder.layers else "no"
     logger.info("decoder: ours (%s matmuls; %s)", kernels, loop)
     reason = (
@@ -225,19 +225,19 @@ def _lookup_words(decoder: Decoder, setting: int) -> str:
     return ""
 
 
-def native_choice(decoder: Decoder, setting: str, *, batched: bool = True) -> tuple[Any, str]:
+def native_choice(decoder: Decoder, setting: str) -> tuple[Any, str]:
     """The C++ layer loop for `decoder` (function.engine.native) where NATIVE_STEP allows and it is
-    built, else None; and the reason's words. `batched=False` (no micro-batcher: Lambda,
-    BATCH_MAX_SIZE=1): its bf16 matmuls on our own kernel, the faster for one row (a batch's 8 rows
-    are faster on oneDNN's, and a decoder keeps one kernel for every batch: rows bitwise as alone)."""
+    built, else None; and the reason's words. Its bf16 matmuls, and the output layer's, go to our own
+    kernel where it reads their weights (`native.native_layers`, `native.native_head`): faster than
+    oneDNN's for a row and for a batch's 8, and each row's products alike in a call of any rows."""
     if setting == "false":
         return None, "layers stepped in Python: NATIVE_STEP=false"
-    layers, words, all_own = native.native_layers(decoder, own_matmuls=not batched)
+    layers, words, all_own = native.native_layers(decoder)
     if layers is None:
         return None, f"layers stepped in Python: the C++ step {words}"
-    decoder.native_head = None if batched else native.native_head(decoder)
+    decoder.native_head = native.native_head(decoder)
     decoder.rows_alike = all_own and decoder.native_head is not None
-    head = "; the output layer's too, on its shared weights" if decoder.native_head is not None else ""
+    head = "; the output layer's too" if decoder.native_head is not None else ""
     return layers, f"layers stepped in C++{words}{head}"
 
 

@@ -9,9 +9,10 @@ row's own keys, SiLU, the residual adds), without the GIL. Measured side by side
 8-row batch. Prompts of up to `decoder.NATIVE_PROMPT_TOKENS` prefill through it too. Its logits are
 not bitwise the Python step's (another order of additions: within bfloat16's rounding, and equal
 greedy tokens in float32, tested), but each row's are bitwise the same in any batch, since no loop
-mixes rows. Where no micro-batcher serves the model, its bf16 matmuls are our own
-(`native_matmul.h`, `native_layers(own_matmuls=True)`, `native_head`): faster than oneDNN's for one
-row, not for a batch's eight.
+mixes rows. Its bf16 matmuls, the output layer's too, are our own where the CPU has AVX-512 BF16
+(`native_matmul.h`, `native_layers`, `native_head`): faster than oneDNN's for one row and for a
+batch's eight, and each row's products alike in a call of any rows, so that a step's rows decode
+bitwise as alone by construction.
 
 It is built with PyTorch's extension builder (gcc and ninja) by `python -m function build-native`
 (`make native`, which `make test` needs and `make serve` tries; the Dockerfile builds it in a stage
@@ -51,12 +52,20 @@ REBUILD = "build it: python -m function build-native"
 PACKED, INT8, INT4 = 0, 1, 2  # native_step.cpp's `Kind`
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float32)  # its loops' element types
 
+# OpenMP: at::parallel_for in our sources (ATen/ParallelOpenMP.h) runs on torch's intra-op threads
+# only where the extension is compiled with it; without, every loop and matmul of ours ran on one
+# thread (our own matmul, the attention).
+CFLAGS = ("-O3", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
+
 _build_lock = threading.Lock()
 
 
 def _stamp() -> dict[str, str]:
-    """What a build is valid for: this torch, this Python's extension ABI and machine, these sources."""
-    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES)).hexdigest()
+    """What a build is valid for: this torch, this Python's extension ABI and machine, these sources
+    and flags."""
+    flags = " ".join((*CFLAGS, *LDFLAGS)).encode()
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES) + flags).hexdigest()
     abi = f"{sysconfig.get_config_var('SOABI')} {platform.machine()}"
     return {"torch": torch.__version__, "python": abi, "source": digest}
 
@@ -85,7 +94,8 @@ def build(verbose: bool = False) -> Path:
             MODULE_NAME,
             [str(SOURCE)],
             build_directory=str(BUILD_DIRECTORY),
-            extra_cflags=["-O3"],
+            extra_cflags=list(CFLAGS),
+            extra_ldflags=list(LDFLAGS),
             verbose=verbose,
         )
         STAMP.write_text(json.dumps(_stamp()))
@@ -128,12 +138,12 @@ def _load() -> tuple[Any, str]:
     return module, ""
 
 
-def native_layers(decoder: Any, *, own_matmuls: bool = False) -> tuple[Any, str, bool]:
+def native_layers(decoder: Any, *, own_matmuls: bool = True) -> tuple[Any, str, bool]:
     """The C++ `Layers` over `decoder`'s weights (shared, not copied) and what it runs its matmuls
     on (worded to follow "layers stepped in C++"); or None and why it can't run them (worded to
     follow "the C++ step"); and whether every matmul is our own. `own_matmuls`: the bf16 projections
-    our own matmul can read go to it (native_matmul.h: faster than oneDNN's for a row or two,
-    slower for 8), for a decoder that steps one row at a time."""
+    our own matmul can read go to it (native_matmul.h: faster than oneDNN's for 1 to 8 rows on the
+    example model, docs/benchmarks.md); False: oneDNN's (tests, benchmarks)."""
     module, why_not = load()
     if module is None:
         return None, f"is {why_not}", False
@@ -170,24 +180,27 @@ def native_layers(decoder: Any, *, own_matmuls: bool = False) -> tuple[Any, str,
     rest = "" if own == total else ", the rest oneDNN's"
     return (
         layers,
-        f", {own} of its {total} matmuls our own (AVX-512 BF16, for one row at a time{rest})",
+        f", {own} of its {total} matmuls our own (AVX-512 BF16{rest})",
         own == total,
     )
 
 
 def native_head(decoder: Any) -> Any:
-    """Our matmul over the output layer's weights as the model holds them (`own_plain_matmul`), as
-    `Decoder.native_head`: where it is a plain bf16 linear layer without bias (an output layer tied
-    to the embeddings and not packed: PACK_TIED_OUTPUT, on Lambda) and this CPU has AVX-512 BF16.
-    PyTorch's own bf16 matmul takes 2.1-2.5 ms a row on the example model's, ours 1.5. Else None."""
+    """Our matmul for the output layer, as `Decoder.native_head`, where this CPU has AVX-512 BF16:
+    over oneDNN's packed copy (`own_matmul`, where it reads that layout: `own_matmul_agrees`), or
+    over the weights as the model holds them (`own_plain_matmul`: a plain bf16 linear layer without
+    bias, an output layer tied to the embeddings and not packed: PACK_TIED_OUTPUT, on Lambda).
+    On the example model's, 1 / 8 rows: oneDNN packed 0.84 / 1.17 ms, ours packed 0.66 / 0.84, ours
+    plain 0.78 / 1.89, PyTorch's plain 1.66 / 1.98 (docs/benchmarks.md). Else None."""
     module, _ = load()
     head = decoder.head
-    if (
-        module is None
-        or not module.own_matmul_supported()
-        or type(head) is not nn.Linear
-        or head.bias is not None
-    ):
+    if module is None or not module.own_matmul_supported():
+        return None
+    if isinstance(head, PackedProjection):
+        if head.weight.dtype != torch.bfloat16 or not module.own_matmul_agrees(head.weight, head.bias):
+            return None
+        return partial(module.own_matmul, packed=head.weight, bias=head.bias)
+    if type(head) is not nn.Linear or head.bias is not None:
         return None
     weight = head.weight.detach()
     rows, inputs = weight.shape

@@ -75,6 +75,20 @@ Tensor call(const Projection& projection, const Tensor& input) {
   return projection.bias ? output + *projection.bias : output;
 }
 
+// Whether our matmul reads `packed` (oneDNN-packed bf16 weights) as oneDNN does: the layout its size
+// tells (own_layout), and its results on random rows oneDNN's but for rounding (a misread layout
+// gives others entirely).
+bool own_agrees(const Tensor& packed, const std::optional<Tensor>& bias) {
+  if (!own_layout(packed)) return false;
+  Tensor shift = bias ? bias->to(at::kFloat).contiguous() : Tensor();
+  at::Generator generator = at::detail::createCPUGenerator(0);
+  Tensor x = at::randn({kOwnRows, packed.size(1)}, generator, at::TensorOptions().dtype(at::kFloat)).to(at::kBFloat16);
+  Tensor theirs = call(Projection{kPacked, packed, packed, bias}, x).to(at::kFloat);
+  Tensor mine = own_matmul(x, packed, shift).to(at::kFloat);
+  double error = (mine - theirs).norm().item<double>() / std::max(theirs.norm().item<double>(), 1e-30);
+  return mine.sizes() == theirs.sizes() && error < 1e-2;
+}
+
 struct Shape {
   int64_t heads, kv_heads, head_dim, width, intermediate;
   float eps, scale;
@@ -196,22 +210,15 @@ struct Layers {
   }
 
   // Puts the bf16 projections whose packed layout our matmul reads (native_matmul.h) on it, each
-  // checked first: its results on random rows must be oneDNN's but for rounding (a misread layout
-  // gives others entirely). Returns how many; none where the CPU lacks AVX-512 BF16.
+  // checked first (`own_agrees`). Returns how many; none where the CPU lacks AVX-512 BF16.
   int64_t own_matmuls() {
     if (!own_matmul_supported()) return 0;
     int64_t count = 0;
-    at::Generator generator = at::detail::createCPUGenerator(0);
     for (auto* group : {&qkv, &o, &gate_up, &down}) {
       for (Projection& projection : *group) {
-        if (projection.kind != kPacked || !own_layout(projection.first)) continue;
-        if (projection.bias) projection.own_bias = projection.bias->to(at::kFloat).contiguous();
-        Tensor x = at::randn({kOwnRows, projection.first.size(1)}, generator, at::TensorOptions().dtype(at::kFloat))
-                       .to(at::kBFloat16);
-        Tensor theirs = call(projection, x).to(at::kFloat);
-        Tensor mine = own_matmul(x, projection.first, projection.own_bias).to(at::kFloat);
-        double error = (mine - theirs).norm().item<double>() / std::max(theirs.norm().item<double>(), 1e-30);
-        projection.own = mine.sizes() == theirs.sizes() && error < 1e-2;
+        if (projection.kind != kPacked) continue;
+        projection.own = own_agrees(projection.first, projection.bias);
+        if (projection.own && projection.bias) projection.own_bias = projection.bias->to(at::kFloat).contiguous();
         count += projection.own;
       }
     }
@@ -268,15 +275,28 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
            }),
            py::arg("kind"), py::arg("first"), py::arg("second"), py::arg("bias"), py::arg("group_size"),
            py::arg("width"));
-  // Our matmul alone (native_matmul.h), for tests: x [rows <= 8, inputs] bf16, oneDNN-packed weights.
+  // Our matmul (native_matmul.h): x [..., inputs] bf16 times oneDNN-packed bf16 weights, in calls of up
+  // to kOwnRows rows: the layers' (tests), and a packed output layer's (Decoder._project, where
+  // `native_head` is set). `own_matmul_agrees` first: whether it reads these weights.
   module.def(
       "own_matmul",
       [](const Tensor& x, const Tensor& packed, const std::optional<Tensor>& bias) {
         TORCH_CHECK(own_matmul_supported(), "our matmul needs AVX-512 BF16 (and this torch's oneDNN buffers)");
         TORCH_CHECK(own_layout(packed), "weights not in the packed layout our matmul reads");
-        return own_matmul(x, packed, bias ? bias->to(at::kFloat).contiguous() : Tensor());
+        TORCH_CHECK(x.dim() >= 1 && x.size(-1) == packed.size(1), "x: [..., ", packed.size(1), "]");
+        Tensor shift = bias ? bias->to(at::kFloat).contiguous() : Tensor();
+        py::gil_scoped_release released;
+        int64_t rows = x.numel() / x.size(-1);
+        if (rows <= kOwnRows) return own_matmul(x, packed, shift);
+        Tensor flat = x.reshape({rows, x.size(-1)});
+        std::vector<Tensor> parts;
+        for (int64_t at = 0; at < rows; at += kOwnRows) {
+          parts.push_back(own_matmul(flat.slice(0, at, at + kOwnRows), packed, shift));
+        }
+        return shaped_as(at::cat(parts), x);
       },
       py::arg("x"), py::arg("packed"), py::arg("bias") = py::none());
+  module.def("own_matmul_agrees", &own_agrees, py::arg("packed"), py::arg("bias") = py::none());
   // The same on weights as the model holds them ([columns, inputs], bf16): an output layer tied to
   // the embeddings (Decoder._project calls it for the output layer where `native_head` is set).
   module.def(

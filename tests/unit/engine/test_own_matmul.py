@@ -1,13 +1,13 @@
 """Our own bfloat16 matmul in the C++ step (function/engine/native_matmul.h), on the weights where
-oneDNN packed them, for a decoder that steps one row at a time (no micro-batcher: Lambda,
-BATCH_MAX_SIZE=1): close to oneDNN's results, each row bitwise as alone in any batch, prompts past
-8 tokens left to oneDNN, and /model_info saying which. It needs AVX-512 BF16: elsewhere the decoder
-keeps oneDNN's matmuls and says nothing of ours (tested too)."""
+oneDNN packed them and on an output layer as the model holds it: close to oneDNN's results, each row
+bitwise as alone in any batch (so a decoder on it decodes a step's rows exactly by construction, with
+or without a micro-batcher), prompts past 8 tokens left to oneDNN, and /model_info saying which. It
+needs AVX-512 BF16: elsewhere the decoder keeps oneDNN's matmuls and says nothing of ours (tested too)."""
 
 from __future__ import annotations
 
+import copy
 import itertools
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,33 +15,32 @@ import torch
 
 from function.engine import native
 from function.engine.decoder import Decoder
-from function.engine.decoder_choice import native_choice
+from function.engine.decoder_choice import fuse_model, native_choice
 from function.engine.engine import Engine
+from tests.support.cpu import AVX512_BF16, needs_avx512_bf16
 from tests.support.example_model import example_model_dir
 from tests.support.settings import make_settings
-from tests.support.tiny_models import fused_copy, tiny
+from tests.support.tiny_models import tiny
 from tests.unit.engine.test_native import PROMPTS, forced, relative_error
 
-
-def _avx512_bf16() -> bool:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("flags"):
-            return "avx512_bf16" in line.split()
-    return False
-
-
-AVX512_BF16 = _avx512_bf16()
-needs_avx512_bf16 = pytest.mark.skipif(not AVX512_BF16, reason="our matmul needs AVX-512 BF16")
 ODD = {"hidden_size": 96, "num_attention_heads": 6, "intermediate_size": 160}  # blocks of 64 columns, cut
 
 
-def cpp(model: Any, *, own: bool) -> Decoder:
-    decoder = Decoder(fused_copy(model))  # a tied output layer stays shared (not packed)
-    decoder.native, reason = native_choice(decoder, "auto", batched=not own)
+def cpp(model: Any, *, own: bool, pack_output: bool = False) -> Decoder:
+    """The C++ step on our matmuls (as the decoder picks them) or on oneDNN's; `pack_output`: a tied
+    output layer packed for oneDNN (PACK_TIED_OUTPUT), else shared."""
+    fused = copy.deepcopy(model)
+    fuse_model(fused, pack_tied_output=pack_output)
+    decoder = Decoder(fused)
+    if not own:
+        decoder.native, words, all_own = native.native_layers(decoder, own_matmuls=False)
+        assert decoder.native is not None and (words, all_own) == ("", False)
+        return decoder
+    decoder.native, reason = native_choice(decoder, "auto")
     assert reason.startswith("layers stepped in C++"), reason
-    assert ("matmuls our own" in reason) == (own and AVX512_BF16), reason
-    shared = own and AVX512_BF16 and model.config.tie_word_embeddings
-    assert ("the output layer's too, on its shared weights" in reason) == shared, reason
+    assert ("matmuls our own (AVX-512 BF16)" in reason) == AVX512_BF16, reason
+    assert reason.endswith("; the output layer's too") == AVX512_BF16, reason
+    assert decoder.rows_alike == AVX512_BF16
     return decoder
 
 
@@ -50,17 +49,19 @@ def cpp(model: Any, *, own: bool) -> Decoder:
 @pytest.mark.parametrize(("columns", "inputs"), [(100, 64), (192, 96), (64, 32)])
 def test_our_matmul_gives_onednns_products_each_row_as_alone(columns: int, inputs: int, threads: int) -> None:
     """Widths that cut the last block of 64 columns (its stores masked), with and without bias, one
-    thread (blocks in order: a store past a row's end would land in the next row's) and two."""
+    thread (blocks in order: a store past a row's end would land in the next row's) and two (the
+    extension is built with OpenMP: its blocks split between the threads)."""
     module, _ = native.load()
     generator = torch.Generator().manual_seed(columns)
     weight = torch.randn(columns, inputs, generator=generator).to(torch.bfloat16)
     packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
     bias = torch.randn(columns, generator=generator).to(torch.bfloat16)
-    x = torch.randn(8, inputs, generator=generator).to(torch.bfloat16)
+    x = torch.randn(11, inputs, generator=generator).to(torch.bfloat16)
+    assert module.own_matmul_agrees(packed, None) and module.own_matmul_agrees(packed, bias)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for rows, shift in itertools.product(range(1, 9), (None, bias)):
+        for rows, shift in itertools.product(range(1, 12), (None, bias)):  # 9-11: calls of 8 and the rest
             mine = module.own_matmul(x[:rows], packed, shift)
             theirs = torch.ops.mkldnn._linear_pointwise(x[:rows], packed, shift, "none", [None], "")
             assert mine.shape == theirs.shape == (rows, columns)
@@ -71,6 +72,21 @@ def test_our_matmul_gives_onednns_products_each_row_as_alone(columns: int, input
         torch.set_num_threads(before)
     with pytest.raises(RuntimeError, match="a bias: float32, one a column"):
         module.own_matmul(x[:1], packed, bias[:3])
+
+
+@needs_avx512_bf16
+def test_our_matmul_takes_only_the_packed_weights_it_reads() -> None:
+    """`own_matmul_agrees` (the load's check): bf16 packed for oneDNN, inputs by 32; not float32's
+    packing, nor bf16 whose inputs oneDNN packs otherwise (then the decoder keeps oneDNN's matmul)."""
+    module, _ = native.load()
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(128, 64, generator=generator)
+    assert module.own_matmul_agrees(torch.ops.mkldnn._reorder_linear_weight(weight.to(torch.bfloat16), 1))
+    assert not module.own_matmul_agrees(torch.ops.mkldnn._reorder_linear_weight(weight, 1))
+    narrow = weight[:, :48].contiguous().to(torch.bfloat16)
+    assert not module.own_matmul_agrees(torch.ops.mkldnn._reorder_linear_weight(narrow, 1))
+    with pytest.raises(RuntimeError, match="not in the packed layout our matmul reads"):
+        module.own_matmul(torch.ones(1, 64), torch.ops.mkldnn._reorder_linear_weight(weight, 1))
 
 
 @needs_avx512_bf16
@@ -119,9 +135,11 @@ def test_our_matmuls_step_as_onednn_does_but_for_rounding(kind: str, shape: dict
 
 
 @needs_avx512_bf16
-def test_rows_on_our_matmuls_decode_bitwise_as_alone_in_any_batch() -> None:
-    """No calibration: each output adds its pairs in one order whatever the rows."""
-    decoder = cpp(tiny("llama", torch.bfloat16, **ODD), own=True)
+@pytest.mark.parametrize("pack_output", [False, True], ids=["output-shared", "output-packed"])
+def test_rows_on_our_matmuls_decode_bitwise_as_alone_in_any_batch(pack_output: bool) -> None:
+    """No calibration: each output adds its pairs in one order whatever the rows; the tied output
+    layer on our matmul over its shared weights, or over oneDNN's packed copy."""
+    decoder = cpp(tiny("llama", torch.bfloat16, **ODD), own=True, pack_output=pack_output)
     tokens = [torch.randint(96, (3, 1), generator=torch.Generator().manual_seed(step)) for step in range(6)]
     with torch.inference_mode():
         together = forced(decoder, tokens)
@@ -154,19 +172,20 @@ def test_prompts_past_8_tokens_prefill_on_onednn() -> None:
 
 def test_model_info_says_whose_matmuls_with_and_without_a_batcher() -> None:
     """The example model (SmolLM2, tied output layer) one request at a time with its output layer
-    shared, as on Lambda; and with a batcher."""
+    shared, as on Lambda; and with a batcher, its output layer packed (as `make serve` has it where
+    memory allows): our matmuls either way, the rows of a step bitwise as alone by construction."""
     alone = Engine(make_settings(cpu_dtype="bfloat16", batch_max_size=1, pack_tied_output="false"))
-    batched = Engine(make_settings(cpu_dtype="bfloat16", batch_max_size=4, pack_tied_output="false"))
+    batched = Engine(make_settings(cpu_dtype="bfloat16", batch_max_size=4, pack_tied_output="true"))
     loaded, _ = alone.load(str(example_model_dir()))
     in_batches, _ = batched.load(str(example_model_dir()))
 
-    assert loaded.dtype == "bfloat16" and "layers stepped in C++" in loaded.decoder_reason
-    mine = "120 of its 120 matmuls our own (AVX-512 BF16, for one row at a time); the output layer's too"
-    assert (mine in loaded.decoder_reason) == AVX512_BF16, loaded.decoder_reason
-    assert (
-        "our own" not in in_batches.decoder_reason and "output layer's too" not in in_batches.decoder_reason
-    )
-    assert alone.generate("The capital of France is", greedy()).continuations[0].startswith(" Paris")
+    mine = "120 of its 120 matmuls our own (AVX-512 BF16); the output layer's too"
+    for engine, reason in ((alone, loaded.decoder_reason), (batched, in_batches.decoder_reason)):
+        assert loaded.dtype == "bfloat16" and "layers stepped in C++" in reason
+        assert (mine in reason) == AVX512_BF16, reason
+        assert ("(our own matmuls: by construction)" in reason) == AVX512_BF16, reason
+        assert engine.generate("The capital of France is", greedy()).continuations[0].startswith(" Paris")
+    assert "tied output layer packed" in in_batches.decoder_reason
 
 
 def greedy() -> Any:
