@@ -182,8 +182,10 @@ inline void rotate(const T* head, const float* rotation, float scale, C* out, in
 }
 
 
-// softmax over scores[0..end-1] in place (exponentials of score - max); returns their sum.
-inline float exponentiate(float* scores, int64_t end) {
+// softmax over scores[0..end-1] in place (exponentials of score - max); returns their sum. Always
+// inlined: into the AVX-512 attention it vectorizes 16 lanes wide (out of line, compiled for
+// baseline x86-64, it took 7 % of an 8-row step on the example model).
+__attribute__((always_inline)) inline float exponentiate(float* scores, int64_t end) {
   float top = -INFINITY;
   for (int64_t j = 0; j < end; ++j) top = std::max(top, scores[j]);
   float lanes[kLanes] = {};

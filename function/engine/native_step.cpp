@@ -154,21 +154,30 @@ struct Layers {
     using S = Bits<T>;
     S* hidden = bits_of<T>(x);
     const float* turns = rotation.data_ptr<float>();
+    // Each row's loops on a thread of torch's (rows in parallel where there are 2+; a row's arithmetic
+    // is the same on any thread): on the example model, 8 rows' loops took 0.85 ms of a 6.9 ms step
+    // on one thread.
+    auto each_row = [batch](const auto& body) {
+      at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) body(b);
+      });
+    };
+    auto attention_normed = [&](size_t index, int64_t b) {
+      rms_norm(hidden + b * s.width, bits_of<T>(attention_norm[index]), bits_of<T>(normed) + b * s.width, s.width,
+               s.eps);
+    };
+    each_row([&](int64_t b) { attention_normed(0, b); });
     for (size_t index = 0; index < qkv.size(); ++index) {
-      for (int64_t b = 0; b < batch; ++b) {
-        rms_norm(hidden + b * s.width, bits_of<T>(attention_norm[index]), bits_of<T>(normed) + b * s.width, s.width,
-                 s.eps);
-      }
       int64_t stride = (s.heads + 2 * s.kv_heads) * s.head_dim;
       Tensor mixed = checked(project(qkv[index], normed, least[0], measured, prompt), x, batch, stride);
       C* key_base = static_cast<C*>(keys[index].data_ptr());
       C* value_base = static_cast<C*>(values[index].data_ptr());
-      for (int64_t b = 0; b < batch; ++b) {  // RoPE; the key and value into the row's column
+      float* query_rows = queries.data_ptr<float>();
+      each_row([&](int64_t b) {  // RoPE; the key and value into the row's column
         const S* row = bits_of<T>(mixed) + b * stride;
         const float* turn = turns + b * half * 2;
         for (int64_t h = 0; h < s.heads; ++h) {
-          rotate(row + h * s.head_dim, turn, s.scale, queries.data_ptr<float>() + (b * s.heads + h) * s.head_dim,
-                 half);
+          rotate(row + h * s.head_dim, turn, s.scale, query_rows + (b * s.heads + h) * s.head_dim, half);
         }
         for (int64_t g = 0; g < s.kv_heads; ++g) {
           int64_t at = ((rows[b] * s.kv_heads + g) * length + columns[b]) * s.head_dim;
@@ -176,11 +185,12 @@ struct Layers {
           const S* value = row + (s.heads + s.kv_heads + g) * s.head_dim;
           for (int64_t d = 0; d < s.head_dim; ++d) value_base[at + d] = narrow<C>(widen(value[d]));
         }
-      }
+      });
       // Each row's heads that share a key head together (each head's arithmetic as alone), in parallel
-      // where there is enough of it.
+      // where there is enough of it. Every key of the step is written first (above): a prompt's
+      // tokens, or a row's drafts, attend to the ones before them.
       int64_t grain = std::max<int64_t>(1, 16384 / (longest * s.head_dim * group));
-      const float* query_base = queries.data_ptr<float>();
+      const float* query_base = query_rows;
       S* attended_base = bits_of<T>(attended);
       at::parallel_for(0, batch * s.kv_heads, grain, [&](int64_t begin, int64_t end) {
         std::vector<float> scores(group * longest), sums(s.head_dim);
@@ -192,19 +202,20 @@ struct Layers {
         }
       });
       Tensor projected = checked(project(o[index], attended, least[1], measured, prompt), x, batch, s.width);
-      for (int64_t b = 0; b < batch; ++b) {
+      each_row([&](int64_t b) {
         add_into(hidden + b * s.width, bits_of<T>(projected) + b * s.width, s.width);
         rms_norm(hidden + b * s.width, bits_of<T>(mlp_norm[index]), bits_of<T>(normed) + b * s.width, s.width, s.eps);
-      }
+      });
       Tensor both = checked(project(gate_up[index], normed, least[2], measured, prompt), x, batch, 2 * s.intermediate);
-      for (int64_t b = 0; b < batch; ++b) {
+      each_row([&](int64_t b) {
         const S* row = bits_of<T>(both) + b * 2 * s.intermediate;
         silu_times_up(row, row + s.intermediate, bits_of<T>(gated) + b * s.intermediate, s.intermediate);
-      }
+      });
       Tensor down_out = checked(project(down[index], gated, least[3], measured, prompt), x, batch, s.width);
-      for (int64_t b = 0; b < batch; ++b) {
+      each_row([&](int64_t b) {  // and the next layer's first norm
         add_into(hidden + b * s.width, bits_of<T>(down_out) + b * s.width, s.width);
-      }
+        if (index + 1 < qkv.size()) attention_normed(index + 1, b);
+      });
     }
     return x;
   }
