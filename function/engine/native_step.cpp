@@ -328,6 +328,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
       },
       py::arg("x"), py::arg("weight"));
   module.def("own_matmul_supported", &own_matmul_supported);
+  // How many of torch's threads ran a parallel_for of `items` here: 1 where the build lacks OpenMP
+  // (native.py's flags), whatever torch's thread count (tests).
+  module.def("parallel_threads", [](int64_t items) {
+    py::gil_scoped_release released;
+    std::vector<int> used(at::get_num_threads(), 0);
+    at::parallel_for(0, items, 1, [&](int64_t, int64_t) { used[at::get_thread_num()] = 1; });
+    return std::count(used.begin(), used.end(), 1);
+  });
   py::class_<Layers>(module, "Layers")
       .def(py::init([](std::vector<Tensor> attention_norm, std::vector<Tensor> mlp_norm, std::vector<Projection> qkv,
                        std::vector<Projection> o, std::vector<Projection> gate_up, std::vector<Projection> down,

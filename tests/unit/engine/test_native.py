@@ -7,6 +7,7 @@ build-native`): these tests fail, not skip, where it is missing."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from function.engine.decoder import Decoder
 from function.engine.decoder_choice import native_choice
 from function.engine.engine import Engine
 from function.engine.kv_cache import KVCache
+from function.engine.torch_thread import in_own_thread
 from function.engine.types import SamplingParams
 from tests.support.settings import make_settings
 from tests.support.tiny_models import fused_copy, greedy_config, theirs, tiny
@@ -233,6 +235,26 @@ def test_build_native_is_quick_and_says_so_when_the_build_is_current(
     assert main(["build-native"]) == 0
 
     assert capsys.readouterr().out == f"C++ step ready: {native.BUILD_DIRECTORY / native.MODULE_NAME}.so\n"
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one CPU: nothing to run in parallel")
+def test_the_cpp_step_runs_its_loops_on_torchs_threads() -> None:
+    """Built with OpenMP (native.py's flags): without it ATen's parallel_for runs its body on the
+    calling thread alone, and our matmul and attention used one core of two (on a thread that ends
+    with the test, whose OpenMP workers go with it)."""
+    module, _ = native.load()
+
+    def threads_used(count: int) -> int:
+        torch.set_num_threads(count)
+        used: int = module.parallel_threads(64)
+        return used
+
+    before = torch.get_num_threads()
+    try:
+        assert in_own_thread(threads_used, 2) == 2
+        assert in_own_thread(threads_used, 1) == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_a_projection_of_another_width_is_refused_before_it_is_read() -> None:
