@@ -161,8 +161,9 @@ def attach_decoder(
     largest batch, or a row and its drafts), to `calibrate` exact rows for (None or 1: nothing to
     measure, or float32's batches, which need no measuring). `pack_tied`:
     PACK_TIED_OUTPUT (`tied_output_choice`). `native_step`: NATIVE_STEP (`native_choice`); `batching`:
-    a micro-batcher serves it (the reason's words). `lookup_tokens`: PROMPT_LOOKUP_TOKENS, kept where the rows of a step
-    decode bitwise as alone, measured or by construction (`_exact_rows`; function.engine.speculation)."""
+    a micro-batcher serves it (the reason's words). `lookup_tokens`: PROMPT_LOOKUP_TOKENS, kept where
+    the rows of a step decode bitwise as alone, measured or by construction (`_exact_rows`;
+    function.engine.speculation)."""
     reason = _transformers_reason(loaded, setting, compiled=compiled)
     if reason is not None:
         return replace(loaded, decoder=None, decoder_reason=f"transformers: {reason}")
