@@ -18,7 +18,7 @@ from function.engine.logits import PaddingAwareRepetitionPenalty
 from function.engine.types import Cancellation, Completion, SamplingParams
 from function.errors import ClientClosedRequestError
 from tests.support.cancellation import CancelAfter
-from tests.support.cpu import AVX512_BF16
+from tests.support.cpu import AVX512_BF16, onednn_matmuls
 from tests.support.settings import make_settings
 
 T = TypeVar("T")
@@ -249,14 +249,18 @@ def test_half_precision_greedy_runs_alone_unless_allowed(demo_model_dir: Path) -
 
 
 @pytest.mark.parametrize(
-    ("quantization", "native_step"), [("none", "auto"), ("8bit", "auto"), ("none", "false")]
+    ("quantization", "native_step", "onednn"),
+    [("none", "auto", False), ("none", "auto", True), ("8bit", "auto", False), ("none", "false", False)],
 )
 def test_our_decoder_batches_bf16_and_quantized_greedy_rows_bitwise_as_alone(
-    demo_model_dir: Path, quantization: str, native_step: str
+    demo_model_dir: Path, quantization: str, native_step: str, onednn: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Batched rows round as alone: bf16 in C++ on our own matmuls by construction (where the CPU has
     # AVX-512 BF16), else measured at load (function.engine.calibration); the layers stepped in C++
     # (function.engine.native) or in Python
+    # `onednn`: as on a CPU without AVX-512 BF16, oneDNN's matmuls, measured
+    if onednn:
+        onednn_matmuls(monkeypatch)
     greedy = SamplingParams(max_new_tokens=12, temperature=0)
     batched = engine_for(
         demo_model_dir, cpu_dtype="bfloat16", batch_max_size=4, batch_window_ms=1000, native_step=native_step
@@ -271,7 +275,7 @@ def test_our_decoder_batches_bf16_and_quantized_greedy_rows_bitwise_as_alone(
     assert exact_batching(loaded) and "bitwise as alone" in loaded.decoder_reason
     attention = (
         "(our own matmuls: by construction)"
-        if native_step == "auto" and quantization == "none" and AVX512_BF16
+        if native_step == "auto" and quantization == "none" and AVX512_BF16 and not onednn
         else "each row attends to its own keys, in C++"
         if native_step == "auto"
         else "the rows of a 64-column block attend in one call"
