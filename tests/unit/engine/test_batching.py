@@ -18,7 +18,7 @@ from function.engine.logits import PaddingAwareRepetitionPenalty
 from function.engine.types import Cancellation, Completion, SamplingParams
 from function.errors import ClientClosedRequestError
 from tests.support.cancellation import CancelAfter
-from tests.support.cpu import AVX512_BF16, onednn_matmuls
+from tests.support.cpu import OUR_MATMULS, onednn_matmuls
 from tests.support.settings import make_settings
 
 T = TypeVar("T")
@@ -275,7 +275,7 @@ def test_our_decoder_batches_bf16_and_quantized_greedy_rows_bitwise_as_alone(
     assert exact_batching(loaded) and "bitwise as alone" in loaded.decoder_reason
     attention = (
         "(our own matmuls: by construction)"
-        if native_step == "auto" and quantization == "none" and AVX512_BF16 and not onednn
+        if native_step == "auto" and quantization == "none" and OUR_MATMULS and not onednn
         else "each row attends to its own keys, in C++"
         if native_step == "auto"
         else "the rows of a 64-column block attend in one call"

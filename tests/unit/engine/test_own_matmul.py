@@ -2,7 +2,8 @@
 oneDNN packed them and on an output layer as the model holds it: close to oneDNN's results, each row
 bitwise as alone in any batch (so a decoder on it decodes a step's rows exactly by construction, with
 or without a micro-batcher), prompts past 8 tokens left to oneDNN, and /model_info saying which. It
-needs AVX-512 BF16: elsewhere the decoder keeps oneDNN's matmuls and says nothing of ours (tested too)."""
+needs AVX-512 BF16 (and, over packed weights, oneDNN's layout that it reads: not AMX's, where oneDNN
+may pack another): elsewhere the decoder keeps oneDNN's matmuls and says nothing of ours (tested too)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from function.engine import native
 from function.engine.decoder import Decoder
 from function.engine.decoder_choice import fuse_model, native_choice
 from function.engine.engine import Engine
-from tests.support.cpu import AVX512_BF16, needs_avx512_bf16
+from tests.support.cpu import AVX512_BF16, OUR_MATMULS, needs_avx512_bf16, needs_our_matmuls
 from tests.support.example_model import example_model_dir
 from tests.support.settings import make_settings
 from tests.support.tiny_models import tiny
@@ -38,13 +39,15 @@ def cpp(model: Any, *, own: bool, pack_output: bool = False) -> Decoder:
         return decoder
     decoder.native, reason = native_choice(decoder, "auto")
     assert reason.startswith("layers stepped in C++"), reason
-    assert ("matmuls our own (AVX-512 BF16)" in reason) == AVX512_BF16, reason
-    assert reason.endswith("; the output layer's too") == AVX512_BF16, reason
-    assert decoder.rows_alike == AVX512_BF16
+    assert ("matmuls our own (AVX-512 BF16)" in reason) == OUR_MATMULS, reason
+    # a packed output layer on our matmul where it reads the layout, a shared one wherever AVX-512 BF16
+    head = OUR_MATMULS if pack_output or not model.config.tie_word_embeddings else AVX512_BF16
+    assert reason.endswith("; the output layer's too") == head, reason
+    assert decoder.rows_alike == OUR_MATMULS
     return decoder
 
 
-@needs_avx512_bf16
+@needs_our_matmuls
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(("columns", "inputs"), [(100, 64), (192, 96), (64, 32)])
 def test_our_matmul_gives_onednns_products_each_row_as_alone(columns: int, inputs: int, threads: int) -> None:
@@ -74,7 +77,7 @@ def test_our_matmul_gives_onednns_products_each_row_as_alone(columns: int, input
         module.own_matmul(x[:1], packed, bias[:3])
 
 
-@needs_avx512_bf16
+@needs_our_matmuls
 def test_our_matmul_takes_only_the_packed_weights_it_reads() -> None:
     """`own_matmul_agrees` (the load's check): bf16 packed for oneDNN, inputs by 32; not float32's
     packing, nor bf16 whose inputs oneDNN packs otherwise (then the decoder keeps oneDNN's matmul)."""
@@ -117,7 +120,7 @@ def test_our_matmul_on_weights_as_the_model_holds_them(threads: int) -> None:
         module.own_plain_matmul(x[:1, :90], weight[:, :90].contiguous())
 
 
-@needs_avx512_bf16
+@needs_our_matmuls
 @pytest.mark.parametrize(
     ("kind", "shape"),
     [("llama", {}), ("qwen2", {}), ("llama", ODD)],  # qwen2: biases on q, k and v
@@ -134,7 +137,7 @@ def test_our_matmuls_step_as_onednn_does_but_for_rounding(kind: str, shape: dict
     assert all(relative_error(mine, want) < 0.02 for mine, want in zip(ours, onednn, strict=True))
 
 
-@needs_avx512_bf16
+@needs_our_matmuls
 @pytest.mark.parametrize("pack_output", [False, True], ids=["output-shared", "output-packed"])
 def test_rows_on_our_matmuls_decode_bitwise_as_alone_in_any_batch(pack_output: bool) -> None:
     """No calibration: each output adds its pairs in one order whatever the rows; the tied output
@@ -153,7 +156,7 @@ def test_rows_on_our_matmuls_decode_bitwise_as_alone_in_any_batch(pack_output: b
         )
 
 
-@needs_avx512_bf16
+@needs_our_matmuls
 def test_prompts_past_8_tokens_prefill_on_onednn() -> None:
     """A model wide enough that the two orders of additions round apart (on this seed)."""
     model = tiny("llama", torch.bfloat16, hidden_size=256, num_attention_heads=4, intermediate_size=1536)
@@ -180,10 +183,11 @@ def test_model_info_says_whose_matmuls_with_and_without_a_batcher() -> None:
     in_batches, _ = batched.load(str(example_model_dir()))
 
     mine = "120 of its 120 matmuls our own (AVX-512 BF16); the output layer's too"
-    for engine, reason in ((alone, loaded.decoder_reason), (batched, in_batches.decoder_reason)):
-        assert loaded.dtype == "bfloat16" and "layers stepped in C++" in reason
-        assert (mine in reason) == AVX512_BF16, reason
-        assert ("(our own matmuls: by construction)" in reason) == AVX512_BF16, reason
+    for engine, model in ((alone, loaded), (batched, in_batches)):
+        reason = model.decoder_reason
+        assert model.dtype == "bfloat16" and "layers stepped in C++" in reason
+        assert (mine in reason) == OUR_MATMULS, reason
+        assert ("(our own matmuls: by construction)" in reason) == OUR_MATMULS, reason
         assert engine.generate("The capital of France is", greedy()).continuations[0].startswith(" Paris")
     assert "tied output layer packed" in in_batches.decoder_reason
 

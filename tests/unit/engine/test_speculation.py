@@ -18,7 +18,7 @@ from function.engine.engine import Engine
 from function.engine.generation import generation_config, run_batch
 from function.engine.speculation import PromptLookup
 from function.engine.types import SamplingParams
-from tests.support.cpu import AVX512_BF16, onednn_matmuls
+from tests.support.cpu import OUR_MATMULS, onednn_matmuls
 from tests.support.example_model import example_model_dir
 from tests.support.settings import make_settings
 
@@ -128,7 +128,7 @@ def test_the_example_model_answers_as_without_drafts_in_fewer_steps(
         onednn_matmuls(monkeypatch)
     engine = _engine(example_model_dir(), cpu_dtype="bfloat16", max_new_tokens=64, **settings)
     assert engine.current is not None and DRAFTS in engine.current.decoder_reason
-    measured = onednn or not AVX512_BF16 or settings.get("native_step") == "false"
+    measured = onednn or not OUR_MATMULS or settings.get("native_step") == "false"
     how = "(measured" if measured else "(our own matmuls: by construction)"
     assert f"decode bitwise as alone {how}" in engine.current.decoder_reason, engine.current.decoder_reason
     greedy = plain_greedy(64)
