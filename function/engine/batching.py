@@ -37,8 +37,9 @@ Runner = Callable[["LoadedModel", list[tuple[Any, SamplingParams]], list[Cancell
 
 
 def exact_batching(loaded: LoadedModel) -> bool:
-    """Whether batching leaves greedy answers unchanged on this model: our decoder measured every
-    batched row bitwise as alone at load (function.engine.calibration), or float32 on the CPU, unquantized.
+    """Whether batching leaves greedy answers unchanged on this model: our decoder's batched rows decode
+    bitwise as alone (`batch_exact`: by construction on our own matmuls, else measured at load by
+    function.engine.calibration), or float32 on the CPU, unquantized.
 
     float32 (tests/unit/engine/test_batching.py, `make bench` on the 100M model): a row's rounding
     does depend on the batch (its matmuls differ from a one-row call in the last bits), but far

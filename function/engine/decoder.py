@@ -106,7 +106,7 @@ class Decoder:
         )
         self.lookup_tokens = 0  # greedy rows draft this many tokens a step at most (engine.speculation)
         self.native: Any = None  # the layer loop in C++ (`_decode_layers`; function.engine.native)
-        self.native_head: Any = None  # our matmul for a plain output layer (`_project`; native.native_head)
+        self.native_head: Any = None  # our matmul for the output layer (`_project`; native.native_head)
         # every matmul on our own kernels (the layers' and the output layer's): a row's products are
         # alike in a call of any rows, by construction (native_matmul.h; `decoder_choice._exact_rows`)
         self.rows_alike = False

@@ -1,13 +1,15 @@
 // The decode step's layers of function/engine/decoder.py in C++ (function/engine/native.py builds and
-// loads it): one token a row. The matmuls are the same calls as the Python loop's (oneDNN on packed
-// weights, PyTorch's int8 and int4 kernels); everything between them is a loop of our own over each
-// row: RMSNorm, RoPE with the cache writes, attention over the row's own keys, SiLU times up, the
-// residual adds. That replaces ~30 ATen calls a layer (each with its dispatch and allocation) by 5
-// loops, and the GIL is released for the step.
+// loads it): one token a row. The matmuls are our own bf16 one where it reads the weights
+// (native_matmul.h), else the Python loop's calls (oneDNN on packed weights, PyTorch's int8 and int4
+// kernels); everything between them is a loop of our own over each row: RMSNorm, RoPE with the cache
+// writes, attention over the row's own keys, SiLU times up, the residual adds. That replaces ~30 ATen
+// calls a layer (each with its dispatch and allocation) by 5 loops, and the GIL is released for the
+// step. Rows (and the attention's heads) run in parallel on torch's threads: the extension is built
+// with OpenMP (native.py).
 //
-// Each row is computed alone, in a fixed order whatever the batch (the loops: native_loops.h): a
-// row's result never depends on the other rows, so batched rows decode bitwise as alone wherever the
-// matmuls do (which function.engine.calibration measures).
+// Each row is computed alone, in a fixed order whatever the batch and the thread (the loops:
+// native_loops.h): a row's result never depends on the other rows, so batched rows decode bitwise as
+// alone wherever the matmuls do (ours by construction; others as function.engine.calibration measures).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
