@@ -335,7 +335,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("parallel_threads", [](int64_t items) {
     py::gil_scoped_release released;
     std::vector<int> used(at::get_num_threads(), 0);
-    at::parallel_for(0, items, 1, [&](int64_t, int64_t) { used[at::get_thread_num()] = 1; });
+    at::parallel_for(0, items, 1, [&](int64_t, int64_t) {
+      size_t thread = static_cast<size_t>(at::get_thread_num());
+      if (thread < used.size()) used[thread] = 1;  // a team larger than torch's count: not counted
+    });
     return std::count(used.begin(), used.end(), 1);
   });
   py::class_<Layers>(module, "Layers")
