@@ -133,17 +133,18 @@ class Settings(BaseSettings):
     pack_tied_output: Literal["auto", "true", "false"] = Field(
         default="auto",
         description="Our decoder: pack a tied output layer (one sharing the input embedding's weight, as "
-        "SmolLM2's and Llama-3.2's) for oneDNN like the other layers, holding that weight twice (measured "
-        "1.1-1.2x a batch-1 step on the example model, for +56 MB). auto: in server mode where the copy "
-        "takes at most a quarter of the memory available after the load; not on Lambda, where it would "
-        "raise the INIT's memory peak. /model_info's decoder_reason says which.",
+        "SmolLM2's and Llama-3.2's) like the other layers, in oneDNN's layout (which our own matmul reads "
+        "where the CPU has AVX-512 BF16), holding that weight twice (on the example model, +56 MB for a call "
+        "of 0.66 instead of 0.78 ms at one row, 0.84 instead of 1.89 at eight). auto: in server mode where "
+        "the copy takes at most a quarter of the memory available after the load; not on Lambda, where it "
+        "would raise the INIT's memory peak. /model_info's decoder_reason says which.",
     )
     native_step: Literal["auto", "false"] = Field(
         default="auto",
         description="Our decoder: step a token's layers, and prefill prompts of up to 128 tokens, in C++ "
         "(function/engine/native_step.cpp: the same matmuls, our own loops between them; 1.3-1.8x a step "
-        "on the example model; with no micro-batcher, as on Lambda, our own bf16 matmuls too where the CPU "
-        "has AVX-512 BF16) where `python -m function build-native` built it for this torch and "
+        "on the example model; our own bf16 matmuls too where the CPU has AVX-512 BF16, with a batcher or "
+        "without) where `python -m function build-native` built it for this torch and "
         "Python; else in Python. false: always Python. /model_info's decoder_reason says which, and why not.",
     )
     prompt_lookup_tokens: int = Field(

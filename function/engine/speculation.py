@@ -2,7 +2,7 @@
 lookup decoding, as transformers' `prompt_lookup_num_tokens` and vLLM's n-gram speculator do).
 
 A one-row decode step on CPU is bound by reading the weights, so a step of a few rows costs little
-more than a step of one (SmolLM2-135M, bf16, 2 cores: 4 rows 1.2x one row on oneDNN). Where a row's
+more than a step of one (SmolLM2-135M, bf16, 2 cores: 4 rows about 1.3x one row). Where a row's
 last tokens occurred earlier in its prompt or its output, the tokens that followed then are a
 draft; the row's last token and its draft go through the model as rows of one step, each at its
 own cache column and attending to the columns up to it (`Decoder.step_rows` with the row repeated).
